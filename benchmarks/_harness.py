@@ -1,0 +1,155 @@
+"""Shared timing and reporting for the benchmarks (issue 2's convention).
+
+Each benchmark is ``python -m benchmarks.<name> [--quick] [--json PATH]``; it prints a table and
+writes records {name, shape, backend, peer, median_ms, peer_median_ms, ratio, device,
+torch_version} where ratio = peer_median_ms / median_ms (above 1: ours is faster).
+
+CPU: median of at least 7 timed runs after warm-up. CUDA: CUDA events after warm-up, the L2
+flushed (a 256 MB buffer overwritten) before every timed run.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+# HBM bandwidth (bytes/s) and dense bf16 tensor throughput (FLOP/s) by device name, for the
+# fraction-of-roofline columns. H100 SXM: 3.35 TB/s, 989 TFLOP/s bf16 dense.
+GPU_PEAKS = {
+    "H100": {"bandwidth": 3.35e12, "bf16_flops": 989e12},
+    "H200": {"bandwidth": 4.8e12, "bf16_flops": 989e12},
+    "A100": {"bandwidth": 2.0e12, "bf16_flops": 312e12},
+}
+
+
+@dataclasses.dataclass
+class Record:
+    name: str
+    shape: str
+    backend: str
+    peer: str
+    median_ms: float
+    peer_median_ms: float
+    ratio: float
+    device: str
+    torch_version: str
+    extra: dict = dataclasses.field(default_factory=dict)
+
+
+def device_name(device: torch.device | str = "cpu") -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {cpu} ({torch.get_num_threads()} threads)"
+
+
+def gpu_peaks(device: torch.device | str) -> dict | None:
+    name = device_name(device)
+    for key, peaks in GPU_PEAKS.items():
+        if key in name:
+            return peaks
+    return None
+
+
+def time_cpu(fn: Callable[[], object], repeats: int = 7, warmup: int = 2) -> float:
+    """Median wall time of fn() in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(max(repeats, 7)):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+_L2_FLUSH: dict[torch.device, torch.Tensor] = {}
+
+
+def time_cuda(fn: Callable[[], object], repeats: int = 20, warmup: int = 3) -> float:
+    """Median CUDA-event time of fn() in milliseconds, L2 flushed before each run."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    flush = _L2_FLUSH.setdefault(device, torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device=device))
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device | str, repeats: int | None = None) -> float:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return time_cuda(fn, repeats or 20)
+    return time_cpu(fn, repeats or 7)
+
+
+def make_record(name, shape, backend, peer, median_ms, peer_median_ms, device, **extra) -> Record:
+    return Record(
+        name=name,
+        shape=str(shape),
+        backend=backend,
+        peer=peer,
+        median_ms=round(median_ms, 4),
+        peer_median_ms=round(peer_median_ms, 4),
+        ratio=round(peer_median_ms / median_ms, 3) if median_ms > 0 else float("nan"),
+        device=device_name(device),
+        torch_version=torch.__version__,
+        extra=extra,
+    )
+
+
+def print_table(records: Iterable[Record], extra_cols: tuple[str, ...] = ()) -> None:
+    records = list(records)
+    header = ["name", "shape", "backend", "median_ms", "peer", "peer_median_ms", "ratio", *extra_cols]
+    rows = [
+        [r.name, r.shape, r.backend, f"{r.median_ms:.3f}", r.peer, f"{r.peer_median_ms:.3f}", f"{r.ratio:.2f}x",
+         *(str(r.extra.get(c, "")) for c in extra_cols)]
+        for r in records
+    ]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+    if records:
+        print(f"device: {records[0].device}; torch {records[0].torch_version}")
+
+
+def write_json(records: Iterable[Record], path: str | Path | None) -> None:
+    if not path:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([dataclasses.asdict(r) for r in records], indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats (under a minute on a CPU)")
+    parser.add_argument("--json", metavar="PATH", help="write the records as JSON to PATH")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser

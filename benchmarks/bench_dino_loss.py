@@ -1,0 +1,94 @@
+"""DINO loss: fused backends against the eager reference (facebookresearch/dino semantics).
+
+    python -m benchmarks.bench_dino_loss [--quick] [--json PATH] [--device cpu|cuda]
+
+K=65536, B=32, n_crops 2 (DINO-CXR's two views) and 10 (classic multi-crop), forward and
+forward+backward (backward = torch.autograd.grad of the loss w.r.t. the student logits, as when the
+gradient flows on into the head; .backward() into a leaf would add a copy to both sides). Peer: ``dino_loss_reference`` run eagerly in the same process. On CUDA also
+torch.compile of the reference, GB/s and the fraction of peak HBM bandwidth.
+"""
+from __future__ import annotations
+
+import torch
+
+from benchmarks import _harness as H
+from dinocxr_fast import ops
+from dinocxr_fast.ops import _backend
+from dinocxr_fast.ops.dino_loss import IMPLEMENTED
+
+STUDENT_TEMP, TEACHER_TEMP = 0.1, 0.04
+
+
+def fused_backends(device: torch.device) -> list[str]:
+    return [b for b in IMPLEMENTED[device.type] if b != "torch" and _backend.why_unavailable(b, device) is None
+            and not (b == "triton" and device.type != "cuda")]
+
+
+def bytes_touched(n_crops: int, batch: int, k: int, elem: int, backward: bool) -> int:
+    """Minimum traffic: read student and teacher once, write the gradient once."""
+    student, teacher = n_crops * batch * k * elem, 2 * batch * k * elem
+    return student + teacher + (student if backward else 0)
+
+
+def run(args) -> list[H.Record]:
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    batch, k = 32, 65536
+    records = []
+    for n_crops in (2, 10):
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        student = torch.randn(n_crops * batch, k, generator=gen).to(device, dtype).requires_grad_()
+        teacher = torch.randn(2 * batch, k, generator=gen).to(device, dtype)
+        center = torch.zeros(k, device=device)
+
+        def reference(backward: bool):
+            loss = ops.dino_loss_reference(student, teacher, center, STUDENT_TEMP, TEACHER_TEMP)
+            if backward:
+                torch.autograd.grad(loss, student)
+
+        peers = {"eager": reference}
+        if device.type == "cuda":
+            compiled = torch.compile(ops.dino_loss_reference)
+
+            def reference_compiled(backward: bool):
+                loss = compiled(student, teacher, center, STUDENT_TEMP, TEACHER_TEMP)
+                if backward:
+                    torch.autograd.grad(loss, student)
+
+            peers["torch.compile"] = reference_compiled
+
+        for backward in (False, True):
+            peer_ms = {name: H.time_fn(lambda f=f: f(backward), device) for name, f in peers.items()}
+            best_peer = min(peer_ms, key=peer_ms.get)
+            for backend in fused_backends(device):
+                def fused(backend=backend):
+                    loss = ops.dino_loss(student, teacher, center, student_temp=STUDENT_TEMP,
+                                         teacher_temp=TEACHER_TEMP, backend=backend, check_finite=False)
+                    if backward:
+                        torch.autograd.grad(loss, student)
+
+                ms = H.time_fn(fused, device)
+                extra = {"eager_ms": round(peer_ms["eager"], 3)}
+                if device.type == "cuda":
+                    nbytes = bytes_touched(n_crops, batch, k, student.element_size(), backward)
+                    extra["GB/s"] = round(nbytes / ms / 1e6, 1)
+                    peaks = H.gpu_peaks(device)
+                    if peaks:
+                        extra["frac_peak_bw"] = round(nbytes / (ms * 1e-3) / peaks["bandwidth"], 3)
+                records.append(H.make_record(
+                    "dino_loss_fwd_bwd" if backward else "dino_loss_fwd",
+                    f"n_crops={n_crops},B={batch},K={k},{str(dtype).removeprefix('torch.')}",
+                    backend, best_peer, ms, peer_ms[best_peer], device, **extra,
+                ))
+    return records
+
+
+def main() -> None:
+    args = H.base_parser(__doc__).parse_args()
+    records = run(args)
+    H.print_table(records, extra_cols=("eager_ms", "GB/s", "frac_peak_bw"))
+    H.write_json(records, args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Triton kernels and their launch helpers. Importing a submodule requires ``triton``."""

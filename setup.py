@@ -1,0 +1,110 @@
+"""Build dinocxr_fast and its extension dinocxr_fast._C (pybind11 through torch.utils.cpp_extension).
+
+    pip install -e . --no-build-isolation        # CPU ops always; CUDA ops when torch has CUDA and nvcc exists
+    DINOCXR_CUDA=1 pip install ...                # require the CUDA build (fails clearly if impossible)
+    DINOCXR_CUDA=0 pip install ...                # never build CUDA
+    DINOCXR_CUDA_ARCHS="80;90a"                   # GPU architectures (default: 80 and 90a)
+
+Build with --no-build-isolation: an isolated build would download another torch.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def fail(message: str) -> None:
+    sys.stderr.write(f"\ndinocxr_fast build error: {message}\n\n")
+    raise SystemExit(1)
+
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError:
+    fail(
+        "PyTorch is not importable. Install it first (e.g. `pip install torch`), then build with "
+        "`pip install -e . --no-build-isolation` so the build sees that torch."
+    )
+
+
+def find_cxx() -> str | None:
+    for candidate in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if candidate and shutil.which(candidate.split()[0]):
+            return candidate
+    return None
+
+
+def want_cuda() -> bool:
+    flag = os.environ.get("DINOCXR_CUDA", "").strip()
+    nvcc = shutil.which("nvcc") or (CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")))
+    if flag == "0":
+        return False
+    if flag == "1":
+        if torch.version.cuda is None:
+            fail(f"DINOCXR_CUDA=1 but this torch ({torch.__version__}) is a CPU build; install a CUDA build of torch.")
+        if not nvcc:
+            fail("DINOCXR_CUDA=1 but nvcc was not found; put the CUDA toolkit's bin on PATH or set CUDA_HOME.")
+        return True
+    if flag:
+        fail(f"DINOCXR_CUDA must be 0 or 1, got {flag!r}")
+    return torch.version.cuda is not None and bool(nvcc)
+
+
+def cuda_arch_flags() -> list[str]:
+    archs = os.environ.get("DINOCXR_CUDA_ARCHS", "80;90a").replace(",", ";").split(";")
+    flags = []
+    for arch in filter(None, (a.strip() for a in archs)):
+        flags += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+    return flags
+
+
+def extension():
+    if find_cxx() is None:
+        fail("no C++ compiler found (tried $CXX, c++, g++, clang++); install one, e.g. `apt-get install g++`.")
+    sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    link_flags = ["-fopenmp"]
+    if want_cuda():
+        sources += sorted(glob.glob("kernels/cuda/*.cu"))
+        nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"] + cuda_arch_flags()
+        return CUDAExtension(
+            "dinocxr_fast._C",
+            sources,
+            define_macros=[("DINOCXR_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_link_args=link_flags,
+        )
+    return CppExtension("dinocxr_fast._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
+
+
+packages = find_packages(include=["dinocxr_fast", "dinocxr_fast.*"])
+packages += ["dinocxr_fast.kernels", "dinocxr_fast.kernels.triton"]
+
+setup(
+    name="dinocxr_fast",
+    version="0.1.0",
+    description="DINO-CXR self-supervised pretraining of ViTAEv2 on chest X-rays, with fused Triton/CUDA kernels",
+    python_requires=">=3.10",
+    packages=packages,
+    package_dir={"dinocxr_fast.kernels": "kernels"},
+    package_data={"dinocxr_fast": ["configs/*.yaml"], "dinocxr_fast.kernels": ["cuda/*.cu", "cuda/*.cuh"]},
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
+    install_requires=["torch", "numpy", "pyyaml", "safetensors", "tqdm", "pillow"],
+    extras_require={
+        "triton": ["triton"],
+        "dali": ["nvidia-dali-cuda130"],
+        "dicom": ["pydicom"],
+        "export": ["onnx", "onnxruntime"],
+        "logging": ["tensorboard"],
+        "test": ["pytest", "onnx", "onnxruntime", "pydicom", "tensorboard"],
+    },
+    zip_safe=False,
+)
