@@ -1,0 +1,61 @@
+"""The view and eval transforms with PIL + torch: the same semantics as the DALI graph.
+
+Resampling is PIL's (antialiased bicubic over a source box, what torchvision does for PIL images);
+the pointwise operations and the blur run on float tensors in [0, 1]. Used by the torch DataLoader
+backend and as the reference the DALI outputs are tested against.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import EvalConfig, ViewSpec, ViewsConfig
+from .planning import BRIGHTNESS, CONTRAST, FLIP, SIGMA, SOLARIZE, WINDOW, X0, X1, Y0, Y1
+
+_FILTERS = {"bicubic": 3, "bilinear": 2}  # PIL.Image.Resampling.BICUBIC / BILINEAR
+
+
+def resample(img, box: tuple[float, float, float, float], size: int, interpolation: str) -> torch.Tensor:
+    """Resample the source box (x0, y0, x1, y1) of a PIL 'L'/'F' image to size x size, in [0, 1]."""
+    out = img.resize((size, size), _FILTERS[interpolation], box=box)
+    x = torch.from_numpy(np.asarray(out, dtype=np.float32)) * (1.0 / 255.0)
+    return x.clamp_(0.0, 1.0)  # 'F' images keep the cubic overshoot; 'L' ones are clipped already
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float, window: int) -> torch.Tensor:
+    """Separable Gaussian over an [H, W] image, reflect-101 borders (DALI's default)."""
+    radius = window // 2
+    if radius == 0:
+        return x
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-(t * t) / (2.0 * sigma * sigma))
+    k = k / k.sum()
+    y = F.pad(x[None, None], (radius, radius, radius, radius), mode="reflect")
+    y = F.conv2d(y, k.view(1, 1, 1, -1))
+    y = F.conv2d(y, k.view(1, 1, -1, 1))
+    return y[0, 0]
+
+
+def render_view(img, row: np.ndarray, spec: ViewSpec, cfg: ViewsConfig) -> torch.Tensor:
+    """One augmented view [1, S, S], normalised; ``row`` is a planning parameter row."""
+    box = (float(row[X0]), float(row[Y0]), float(row[X1]), float(row[Y1]))
+    x = resample(img, box, spec.size, cfg.interpolation)
+    x = (x * float(row[BRIGHTNESS])).clamp_(0.0, 1.0)
+    c = float(row[CONTRAST])
+    x = (x * c + x.mean() * (1.0 - c)).clamp_(0.0, 1.0)
+    x = gaussian_blur(x, float(row[SIGMA]), int(row[WINDOW]))
+    if row[SOLARIZE]:
+        x = torch.where(x >= cfg.solarize_threshold, 1.0 - x, x)
+    if row[FLIP]:
+        x = x.flip(-1)
+    return ((x - cfg.mean) / cfg.std)[None]
+
+
+def render_eval(img, roi: np.ndarray, cfg: EvalConfig) -> torch.Tensor:
+    """The eval image [1, crop, crop]: the centre-crop box resampled, normalised."""
+    box = (float(roi[1]), float(roi[0]), float(roi[3]), float(roi[2]))
+    x = resample(img, box, cfg.crop, cfg.interpolation)
+    # Match DALI's uint16 intermediate: round to 1/65535 steps (a no-op for 8-bit sources).
+    x = torch.round(x * 65535.0) * (1.0 / 65535.0)
+    return ((x - cfg.mean) / cfg.std)[None]
