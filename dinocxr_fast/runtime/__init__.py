@@ -1,0 +1,1 @@
+"""Run-time plumbing shared by every training job: checkpoints, metrics, distributed setup."""

@@ -1,0 +1,104 @@
+"""Metrics: one JSON line per logging step in metrics.jsonl, TensorBoard scalars beside it, and
+a progress display (a bar with ETA on a terminal, plain lines otherwise)."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Mapping
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class MetricsWriter:
+    """Appends to metrics.jsonl (resume keeps appending) and mirrors scalars to TensorBoard."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._tb = None
+        self.tensorboard_error: str | None = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
+
+                self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+            except Exception as exc:  # noqa: BLE001 - TensorBoard is optional
+                self.tensorboard_error = f"TensorBoard events not written ({exc}); pip install tensorboard"
+
+    def write(self, record: Mapping, step: int) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+        if self._tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("step",) and math.isfinite(float(value)):
+                    self._tb.add_scalar(key, value, step)
+
+    def flush(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+class Progress:
+    """tqdm bar on a terminal; one plain line per update otherwise (logs, CI)."""
+
+    def __init__(self, total: int, initial: int = 0, enabled: bool = True, stream=None):
+        self.stream = stream or sys.stderr
+        self.total, self.n = total, initial
+        self.enabled = enabled
+        self._start, self._start_n = time.monotonic(), initial
+        self._bar = None
+        if enabled and getattr(self.stream, "isatty", lambda: False)():
+            try:
+                from tqdm import tqdm  # noqa: PLC0415
+
+                self._bar = tqdm(total=total, initial=initial, file=self.stream, dynamic_ncols=True, unit="step")
+            except ImportError:
+                self._bar = None
+
+    def update(self, n: int, postfix: Mapping[str, str]) -> None:
+        """Advance to step ``n`` and show ``postfix``; plain mode prints one line."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.update(n - self.n)
+            self._bar.set_postfix(postfix, refresh=True)
+        else:
+            elapsed = time.monotonic() - self._start
+            done = n - self._start_n
+            eta = elapsed / done * (self.total - n) if done > 0 else float("nan")
+            fields = " ".join(f"{k}={v}" for k, v in postfix.items())
+            print(f"step {n}/{self.total} {fields} eta={_fmt_time(eta)}", file=self.stream, flush=True)
+        self.n = n
+
+    def write(self, message: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(message, file=self.stream)
+        else:
+            print(message, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _fmt_time(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
