@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as exc:  # one clear line for the errors a user can fix
         from dinocxr_fast.data import DatasetError  # noqa: PLC0415
-        from dinocxr_fast.pretrain import NonFiniteLossError  # noqa: PLC0415
+        from dinocxr_fast.runtime.job import NonFiniteLossError  # noqa: PLC0415
         from dinocxr_fast.runtime.checkpoint import CheckpointError  # noqa: PLC0415
 
         if isinstance(exc, (DatasetError, CheckpointError, NonFiniteLossError)):

@@ -1,0 +1,308 @@
+"""The training loop every job shares (pretraining, fine-tuning): epochs over a resumable loader,
+logging, atomic checkpoints at step granularity, SIGTERM/SIGINT handling, time and step budgets.
+
+A subclass builds its models and loader in ``__init__`` (after calling ``super().__init__``) and
+implements ``train_step``, ``model_state``/``load_model_state``, and optionally the hooks
+``log_fields``, ``on_epoch_end``, ``on_finish`` and ``summary_lines``.
+"""
+from __future__ import annotations
+
+import logging
+import resource
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from dinocxr_fast.config import save_config
+from dinocxr_fast.runtime import checkpoint as ckpt
+from dinocxr_fast.runtime import data as data_setup
+from dinocxr_fast.runtime import distributed
+from dinocxr_fast.runtime.metrics import MetricsWriter, Progress
+
+log = logging.getLogger("dinocxr_fast.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or a model output) became NaN/inf; the last good state was saved first."""
+
+
+@dataclass
+class StopReason:
+    kind: str = "done"  # done | max_steps | max_minutes | signal
+    detail: str = ""
+
+
+def resolve_precision(choice: str, device: torch.device) -> str:
+    if choice == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if choice not in ("bf16", "fp16", "fp32"):
+        raise ValueError(f"unknown train.precision={choice!r} (auto, bf16, fp16, fp32)")
+    if choice == "fp16" and device.type != "cuda":
+        raise ValueError("train.precision=fp16 needs a GPU; use fp32 or bf16 on the CPU")
+    return choice
+
+
+def peak_mem_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class TrainingJob:
+    FORMAT = "dinocxr_fast.job/1"
+    # config sections that must match the checkpoint's for a resume to be the same run
+    RESUME_MUST_MATCH: tuple[str, ...] = ("model", "data")
+
+    def __init__(self, cfg: dict, run_dir: Path, *, show_progress: bool = True):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        t = cfg["train"]
+        self.device = data_setup.device_from(t["device"])
+        self.dist = distributed.init_from_env(self.device.type)
+        if self.device.type == "cuda" and self.dist.enabled:
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self.precision = resolve_precision(t["precision"], self.device)
+        self.is_main = self.dist.is_main
+        if self.is_main:
+            self._prepare_run_dir()
+        distributed.barrier()
+        torch.manual_seed(int(t["seed"]))  # the same initial weights on every rank
+        self.step = 0
+        self.stop = StopReason()
+        self._signal: str | None = None
+        self.metrics = MetricsWriter(self.run_dir, enabled=self.is_main)
+        self.show_progress = show_progress and self.is_main
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
+        # set by the subclass
+        self.loader = None
+        self.steps_per_epoch = 1
+        self.epochs = int(t["epochs"])
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    # ---- subclass interface -----------------------------------------------------------------------
+    def train_step(self, batch) -> dict:
+        """One optimiser step; returns at least {"loss": tensor}. Must advance self.step."""
+        raise NotImplementedError
+
+    def model_state(self) -> dict:
+        raise NotImplementedError
+
+    def load_model_state(self, state: dict) -> None:
+        raise NotImplementedError
+
+    def weights(self) -> Iterable[torch.Tensor]:
+        raise NotImplementedError
+
+    def batch_images(self, batch) -> int:
+        """Images in one batch of this process (for images/s)."""
+        raise NotImplementedError
+
+    def log_fields(self, out: dict) -> dict:
+        return {}
+
+    def on_epoch_end(self, epoch: int, progress: Progress) -> None:
+        pass
+
+    def on_finish(self) -> None:
+        pass
+
+    def summary_lines(self, last: dict | None) -> list[str]:
+        return []
+
+    # ---- setup, state ---------------------------------------------------------------------------
+    def _prepare_run_dir(self) -> None:
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.run_dir / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            raise ckpt.CheckpointError(f"run folder {self.run_dir} is not writable: {exc.strerror or exc}") from exc
+
+    def save_effective_config(self) -> None:
+        if self.is_main:
+            save_config(self.cfg, self.run_dir / "config.yaml")
+
+    def state_dict(self) -> dict:
+        return {
+            "format": self.FORMAT,
+            "step": self.step,
+            "epoch": self.step // self.steps_per_epoch,
+            **self.model_state(),
+            "scaler": self.scaler.state_dict(),
+            "data": self.loader.state_dict(),
+            "rng": ckpt.rng_state(),
+            "config": self.cfg,
+        }
+
+    def resume_from(self, path: Path) -> None:
+        state = ckpt.load(path, map_location=self.device)
+        if state.get("format") != self.FORMAT:
+            raise ckpt.CheckpointError(f"{path} is a {state.get('format')!r} checkpoint, this job needs {self.FORMAT!r}")
+        for section in self.RESUME_MUST_MATCH:
+            if state["config"].get(section) != self.cfg.get(section):
+                raise ckpt.CheckpointError(
+                    f"cannot resume from {path}: its '{section}' config differs from this run's "
+                    f"({state['config'].get(section)} vs {self.cfg.get(section)})")
+        self.load_model_state(state)
+        self.scaler.load_state_dict(state["scaler"])
+        self.loader.load_state_dict(state["data"])
+        ckpt.set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        log.info("resumed from %s at step %d", path, self.step)
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+    def weights_finite(self) -> bool:
+        norms = torch._foreach_norm([w.detach() for w in self.weights()])
+        return bool(torch.isfinite(torch.stack(norms)).all())
+
+    def save_checkpoint(self, final: bool = False) -> Path | None:
+        if not self.is_main:
+            return None
+        if not self.weights_finite():
+            raise NonFiniteLossError(
+                f"step {self.step}: the weights hold NaN/inf; not writing a checkpoint over the last good one")
+        path = self.run_dir / (ckpt.FINAL_NAME if final else ckpt.step_name(self.step))
+        ckpt.atomic_torch_save(self.state_dict(), path)
+        if not final:
+            ckpt.prune(self.run_dir, int(self.cfg["train"]["keep_last"]))
+        return path
+
+    def non_finite(self, what: str, outputs: dict[str, torch.Tensor], debug: dict) -> NonFiniteLossError:
+        """Save the last good state (the weights before this step) and what is needed to debug it;
+        return the error to raise."""
+        terms = [name for name, t in outputs.items() if not bool(torch.isfinite(t).all())]
+        where = ", ".join(terms) or "the loss itself (outputs are finite)"
+        message = (f"non-finite loss at step {self.step} (epoch {self.step // self.steps_per_epoch}): {what}; "
+                   f"non-finite: {where}.")
+        if self.is_main:
+            saved = []
+            try:
+                saved.append(str(self.save_checkpoint()))
+            except NonFiniteLossError:
+                saved.append("no checkpoint (weights already non-finite; the previous checkpoint is the last good state)")
+            path = self.run_dir / f"nonfinite-step{self.step:08d}.pt"
+            ckpt.atomic_torch_save({"step": self.step, "what": what, "terms": terms, **debug}, path)
+            saved.append(str(path))
+            message += " Saved: " + "; ".join(saved)
+        return NonFiniteLossError(message)
+
+    # ---- helpers ------------------------------------------------------------------------------------
+    def autocast(self):
+        if self.precision == "fp32":
+            return torch.autocast(self.device.type, enabled=False)
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _install_signal_handlers(self) -> dict:
+        def handler(signum, _frame):
+            self._signal = signal.Signals(signum).name
+
+        return {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    # ---- the loop -----------------------------------------------------------------------------------
+    def run(self) -> StopReason:
+        t = self.cfg["train"]
+        max_steps = int(t["max_steps"]) if t.get("max_steps") is not None else None
+        deadline = time.monotonic() + float(t["max_minutes"]) * 60 if t.get("max_minutes") else None
+        log_every, ckpt_every = max(int(t["log_every"]), 1), max(int(t["ckpt_every"]), 1)
+        end_step = self.total_steps if max_steps is None else min(self.total_steps, max_steps)
+        progress = Progress(end_step, initial=self.step, enabled=self.show_progress)
+        previous_handlers = self._install_signal_handlers()
+        window = {"t0": time.perf_counter(), "wait": 0.0, "images": 0}
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        out = None
+        try:
+            while self.step < end_step:
+                epoch = self.step // self.steps_per_epoch
+                self.loader.set_epoch(epoch)
+                batches = iter(self.loader)
+                while self.step < end_step and self.step // self.steps_per_epoch == epoch:
+                    t_wait = time.perf_counter()
+                    try:
+                        batch = next(batches)
+                    except StopIteration:
+                        break
+                    window["wait"] += time.perf_counter() - t_wait
+                    out = self.train_step(batch)
+                    window["images"] += self.batch_images(batch) * self.dist.world_size
+                    if self.step % log_every == 0 or self.step == end_step:
+                        self._log(out, window, progress)
+                    if self.step % ckpt_every == 0:
+                        self.save_checkpoint()
+                    if self._signal or (deadline and time.monotonic() > deadline):
+                        break
+                if self._signal:
+                    self.stop = StopReason("signal", self._signal)
+                    break
+                if deadline and time.monotonic() > deadline:
+                    self.stop = StopReason("max_minutes", f"{t['max_minutes']} min")
+                    break
+                if self.step % self.steps_per_epoch == 0:  # an epoch ended
+                    self.on_epoch_end(self.step // self.steps_per_epoch, progress)
+                    if self.step % ckpt_every != 0 and self.step < end_step:
+                        self.save_checkpoint()
+            else:
+                if max_steps is not None and max_steps <= self.step < self.total_steps:
+                    self.stop = StopReason("max_steps", str(max_steps))
+            self.save_checkpoint(final=self.stop.kind == "done")
+        finally:
+            for sig, h in previous_handlers.items():
+                signal.signal(sig, h)
+            progress.close()
+            self.metrics.flush()
+        self.on_finish()
+        if self.is_main:
+            self._write_summary(out)
+        return self.stop
+
+    def _log(self, out: dict, window: dict, progress: Progress) -> None:
+        elapsed = time.perf_counter() - window["t0"]
+        loss = float(out["loss"])
+        record = {
+            "step": self.step,
+            "epoch": self.step / self.steps_per_epoch,
+            "loss": loss,
+            "images_per_s": window["images"] / elapsed if elapsed > 0 else 0.0,
+            "data_wait_frac": window["wait"] / elapsed if elapsed > 0 else 0.0,
+            "peak_mem_mb": peak_mem_mb(self.device),
+            "skipped_files": self.loader.num_skipped,
+            **self.log_fields(out),
+        }
+        self.metrics.write(record, self.step)
+        progress.update(self.step, {"epoch": f"{record['epoch']:.2f}", "loss": f"{loss:.4f}",
+                                    "img/s": f"{record['images_per_s']:.1f}", "wait": f"{record['data_wait_frac']:.0%}"})
+        window.update(t0=time.perf_counter(), wait=0.0, images=0)
+
+    def _write_summary(self, last: dict | None) -> None:
+        lines = [
+            f"# {self.TITLE}: {self.run_dir.name}",
+            "",
+            f"- stopped: {self.stop.kind}{' (' + self.stop.detail + ')' if self.stop.detail else ''} at step "
+            f"{self.step} of {self.total_steps} (epoch {self.step / self.steps_per_epoch:.2f} of {self.epochs})",
+            f"- device: {self.device}, precision: {self.precision}, processes: {self.dist.world_size}, "
+            f"loader: {self.loader.backend}",
+        ]
+        if last is not None:
+            lines.append(f"- last loss: {float(last['loss']):.4f}")
+        if self.loader.num_skipped:
+            lines.append(f"- unreadable files skipped: {self.loader.num_skipped} (named in the log and in the "
+                         "checkpoint's data state)")
+        lines += self.summary_lines(last)
+        (self.run_dir / "summary.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines), flush=True)
+
+    TITLE = "training run"
+
+    def close(self) -> None:
+        if self.loader is not None:
+            self.loader.close()
+        self.metrics.close()
