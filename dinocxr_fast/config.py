@@ -16,8 +16,11 @@ class ConfigError(ValueError):
     """A bad preset name, key or value; the message names it."""
 
 
+BASES = ("base", "supervised_base")
+
+
 def list_presets() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if p.stem != "base")
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if p.stem not in BASES)
 
 
 def _read_yaml(path: Path) -> dict:
@@ -30,8 +33,11 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def defaults() -> dict:
-    return _read_yaml(CONFIG_DIR / "base.yaml")
+def defaults(base: str = "base") -> dict:
+    """Every key with its default: ``base`` (pretraining) or ``supervised_base`` (fine-tuning, linear)."""
+    if base not in BASES:
+        raise ConfigError(f"unknown config base {base!r} ({', '.join(BASES)})")
+    return _read_yaml(CONFIG_DIR / f"{base}.yaml")
 
 
 def merge(base: dict, override: Mapping, *, where: str, prefix: str = "") -> dict:
@@ -84,9 +90,10 @@ def dotted_to_nested(assignments: Iterable[str]) -> dict:
     return nested
 
 
-def load_config(preset: str | None = None, overrides: Mapping | None = None, sets: Iterable[str] = ()) -> dict:
-    """base.yaml <- preset (a name in configs/ or a YAML path) <- overrides <- --set assignments."""
-    cfg = defaults()
+def load_config(preset: str | None = None, overrides: Mapping | None = None, sets: Iterable[str] = (),
+                base: str = "base") -> dict:
+    """<base>.yaml <- preset (a name in configs/ or a YAML path) <- overrides <- --set assignments."""
+    cfg = defaults(base)
     if preset:
         path = Path(preset)
         if not path.suffix:

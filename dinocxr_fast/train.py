@@ -16,7 +16,7 @@ from pathlib import Path
 
 from dinocxr_fast.config import ConfigError, list_presets, load_config
 
-SUBCOMMANDS = ("pretrain",)
+SUBCOMMANDS = ("pretrain", "finetune", "linear")
 DEFAULT_PRESET = "tiny_cpu"
 
 
@@ -92,6 +92,84 @@ def resolve_resume(resume: str | None, out: Path | None, preset: str) -> Path | 
     return path
 
 
+def build_supervised_parser(command: str) -> argparse.ArgumentParser:
+    what = {"finetune": "Fine-tune a (pretrained) backbone with a linear classifier.",
+            "linear": "Linear evaluation: frozen backbone, cached features, a grid of linear heads."}[command]
+    parser = argparse.ArgumentParser(prog=f"python -m dinocxr_fast.train {command}", description=what,
+                                     epilog="Any key of dinocxr_fast/configs/supervised_base.yaml can be set with --set.")
+    parser.add_argument("--pretrained", help="pretraining run folder, checkpoint, or backbone .safetensors; 'none' = random init")
+    parser.add_argument("--data", required=True, help="labelled ImageFolder root with train/ and val/ (and test/)")
+    parser.add_argument("--label-fraction", type=float, help="data.label_fraction: 0.01, 0.1, 1.0 ...")
+    parser.add_argument("--preset", help="supervised preset or YAML file (e.g. supervised_tiny_cpu)")
+    parser.add_argument("--out", help=f"run folder (default: runs/{command}-<timestamp>)")
+    parser.add_argument("--epochs", type=int, help="train.epochs")
+    parser.add_argument("--batch-size", type=int, help="optim.batch_size (fine-tuning, per process)")
+    parser.add_argument("--lr", type=float, help="optim.lr (fine-tuning)")
+    parser.add_argument("--device", help="train.device (auto, cpu, cuda)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    parser.add_argument("--quiet", action="store_true", help="no progress display")
+    if command == "finetune":
+        parser.add_argument("--resume", help="'auto' (latest checkpoint in --out) or a checkpoint/run folder")
+        parser.add_argument("--max-steps", type=int, help="train.max_steps")
+    return parser
+
+
+def adopt_pretrained_arch(cfg: dict) -> None:
+    """A pretraining checkpoint knows its architecture: use it, so --pretrained alone is enough."""
+    from dinocxr_fast.runtime import checkpoint as ckpt  # noqa: PLC0415
+
+    source = cfg["model"]["pretrained"]
+    if not source or str(source).lower() in ("none", "random"):
+        return
+    path = Path(source).expanduser()
+    if path.is_dir():
+        path = ckpt.latest(path) or path
+    if path.suffix != ".pt" or not path.is_file():
+        return
+    state = ckpt.load(path)
+    model = state.get("config", {}).get("model")
+    if model:
+        cfg["model"]["arch"] = model["arch"]
+        cfg["model"]["in_chans"] = model["in_chans"]
+
+
+def supervised(command: str, argv: list[str]) -> int:
+    args = build_supervised_parser(command).parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    over: dict = {"data": {"path": args.data}}
+    if args.pretrained is not None:
+        over["model"] = {"pretrained": args.pretrained}
+    if args.label_fraction is not None:
+        over["data"]["label_fraction"] = args.label_fraction
+    for section, key, value in (("train", "epochs", args.epochs), ("optim", "batch_size", args.batch_size),
+                                ("optim", "lr", args.lr), ("train", "device", args.device),
+                                ("train", "max_steps", getattr(args, "max_steps", None))):
+        if value is not None:
+            over.setdefault(section, {})[key] = value
+    cfg = load_config(args.preset, over, args.set, base="supervised_base")
+    adopt_pretrained_arch(cfg)
+    out = Path(args.out) if args.out else Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if command == "linear":
+        from dinocxr_fast.linear_probe import run_linear  # noqa: PLC0415
+
+        run_linear(cfg, out, show_progress=not args.quiet)
+        return 0
+    from dinocxr_fast.finetune import FinetuneJob  # noqa: PLC0415
+    from dinocxr_fast.runtime import distributed  # noqa: PLC0415
+
+    resume = resolve_resume(args.resume, out, "finetune")
+    job = FinetuneJob(cfg, out, resume=resume, show_progress=not args.quiet)
+    try:
+        stop = job.run()
+    finally:
+        job.close()
+        distributed.shutdown()
+    if stop.kind == "signal":
+        print(f"stopped by {stop.detail} at step {job.step}; checkpoint saved. Resume with: "
+              f"python -m dinocxr_fast.train finetune --data {args.data} --out {out} --resume auto", file=sys.stderr)
+    return 0
+
+
 def pretrain(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
@@ -132,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown subcommand {command!r}; choose one of {', '.join(SUBCOMMANDS)}", file=sys.stderr)
         return 2
     try:
-        return pretrain(argv)
+        return pretrain(argv) if command == "pretrain" else supervised(command, argv)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2

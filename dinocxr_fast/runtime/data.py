@@ -76,3 +76,54 @@ def device_from(choice: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device=cuda but no CUDA GPU is available")
     return device
+
+
+def supervised_sources(data_cfg: dict) -> tuple[Source, Source, Source, str]:
+    """(train, validation, test, test split name) of a labelled ImageFolder root.
+
+    The label fraction is a stratified, seeded, patient-grouped subset of train. Model selection
+    must not see the test images: when the root has no test split, the val split becomes the
+    test set and 20 % of the training patients (stratified) are held out for selection.
+    """
+    from dinocxr_fast.data import split_by_patient  # noqa: PLC0415
+
+    if not data_cfg.get("path"):
+        raise DatasetError("data.path is required: an ImageFolder root with train/ and val/ sub-folders (--data PATH)")
+    root = Path(data_cfg["path"]).expanduser()
+    if not root.is_dir():
+        raise DatasetError(f"data.path {root} does not exist")
+    train = labelled_split(root, data_cfg["train_split"])
+    fraction = float(data_cfg["label_fraction"])
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"data.label_fraction must be in (0, 1], got {fraction}")
+    classes = list(train.classes)
+    val_dir, test_dir = root / data_cfg["val_split"], root / data_cfg["test_split"]
+    if not val_dir.is_dir():
+        raise DatasetError(f"{val_dir} does not exist (a validation split is needed)")
+    if test_dir.is_dir():
+        val, test, test_split = ImageFolderSource(val_dir, classes=classes), ImageFolderSource(test_dir, classes=classes), \
+            data_cfg["test_split"]
+    else:
+        held_out, rest = split_by_patient(train.samples, 0.2, int(data_cfg["label_seed"]))
+        train, val = train.with_samples(rest), train.with_samples(held_out)
+        test, test_split = ImageFolderSource(val_dir, classes=classes), data_cfg["val_split"]
+    if fraction < 1.0:
+        train = train.label_fraction(fraction, int(data_cfg["label_seed"]))
+    return train, val, test, test_split
+
+
+def supervised_train_loader(source: Source, data_cfg: dict, batch_size: int, *, channels: int, device, shard_id: int,
+                            num_shards: int, seed: int):
+    """Augmented crops with labels for fine-tuning: random-resized crop + flip, (images, labels)."""
+    from dinocxr_fast.data import ViewSpec  # noqa: PLC0415
+    from dinocxr_fast.data.loaders import EvalLoader  # noqa: PLC0415
+
+    size = int(data_cfg["image_size"])
+    crop = ViewSpec(size=size, scale=tuple(data_cfg["train_scale"]), flip_p=0.5, jitter_p=0.0, blur_p=0.0,
+                    solarize_p=0.0)
+    views = ViewsConfig(views=(crop,), channels=channels)
+    # EvalLoader's output format, (images, labels), fed by the training-view graph; unreadable
+    # files are dropped from their batch so the labels stay true
+    return EvalLoader(source, views, batch_size, device=device, shard_id=shard_id, num_shards=num_shards, seed=seed,
+                      backend=loader_backend(data_cfg), num_threads=int(data_cfg["num_workers"]), shuffle=True,
+                      drop_last=True, on_bad="drop")

@@ -1,0 +1,151 @@
+"""``python -m dinocxr_fast.evaluate --checkpoint CLASSIFIER --data PATH``: the evaluation report.
+
+Scores a classifier checkpoint (written by ``train finetune`` or ``train linear``) on a labelled
+ImageFolder split and writes ``report.md``, ``metrics.json`` (every metric with its 95 %
+bootstrap interval), ``roc.png`` and ``confusion.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from dinocxr_fast.metrics import SCALAR_METRICS, bootstrap_ci, classification_metrics, roc_curve
+
+
+def evaluate_predictions(y_true: np.ndarray, probs: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict:
+    metrics = classification_metrics(y_true, probs)
+    metrics["ci95"] = bootstrap_ci(y_true, probs, n_boot=n_boot, seed=seed) if n_boot > 0 else {}
+    metrics["bootstrap_resamples"] = n_boot
+    return metrics
+
+
+def plot_roc(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], path: Path, title: str) -> None:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=120)
+    targets = [1] if probs.shape[1] == 2 else range(probs.shape[1])
+    for c in targets:
+        fpr, tpr, _ = roc_curve(y_true == c, probs[:, c])
+        auc = float(np.trapezoid(tpr, fpr))
+        ax.plot(fpr, tpr, lw=2, label=f"{classes[c]} (AUC {auc:.3f})")
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
+    ax.set(xlabel="false positive rate (1 - specificity)", ylabel="true positive rate (sensitivity)",
+           xlim=(0, 1), ylim=(0, 1.01), title=title)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path, title: str) -> None:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    cm = np.asarray(cm)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(classes), 1.4 + 1.0 * len(classes)), dpi=120)
+    ax.imshow(cm, cmap="Blues")
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center",
+                    color="white" if cm[i, j] > cm.max() / 2 else "black")
+    ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(out_dir: Path, y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], *,
+                 title: str, meta: dict, n_boot: int = 1000) -> dict:
+    """Metrics with CIs -> metrics.json, report.md, roc.png, confusion.png in ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    y_true, probs = np.asarray(y_true), np.asarray(probs, dtype=np.float64)
+    metrics = evaluate_predictions(y_true, probs, n_boot=n_boot)
+    record = {"title": title, "classes": list(classes), **meta, "metrics": metrics}
+    (out_dir / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+    plot_roc(y_true, probs, classes, out_dir / "roc.png", title)
+    plot_confusion(np.array(metrics["confusion_matrix"]), classes, out_dir / "confusion.png", title)
+    lines = [f"# {title}", ""]
+    lines += [f"- {k}: {v}" for k, v in meta.items()]
+    positive = f" (positive class: {classes[1]})" if len(classes) == 2 else " (macro averages)"
+    lines += ["", f"{metrics['n']} images, classes {list(classes)}{positive}.", "",
+              "| metric | value | 95 % CI (bootstrap) |", "|---|---|---|"]
+    for key in SCALAR_METRICS:
+        lo, hi = metrics["ci95"].get(key, (float("nan"), float("nan")))
+        lines.append(f"| {key} | {metrics[key]:.4f} | [{lo:.4f}, {hi:.4f}] |")
+    lines += ["", "Confusion matrix (rows: true, columns: predicted):", "",
+              "| | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
+    for name, row in zip(classes, metrics["confusion_matrix"]):
+        lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
+    lines += ["", "![ROC](roc.png) ![confusion matrix](confusion.png)", ""]
+    (out_dir / "report.md").write_text("\n".join(lines))
+    return metrics
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, out_dir: str | Path, *, split: str | None = None,
+                        loader: str = "auto", n_boot: int = 1000, batch_size: int = 64, device: str = "auto") -> dict:
+    from dinocxr_fast.classifier import load_classifier, predict  # noqa: PLC0415
+    from dinocxr_fast.data import EvalConfig, ImageFolderSource, build_eval_loader  # noqa: PLC0415
+    from dinocxr_fast.runtime import data as data_setup  # noqa: PLC0415
+
+    dev = data_setup.device_from(device)
+    model, record = load_classifier(checkpoint, dev)
+    root = Path(data).expanduser()
+    folder = root / split if split else root
+    source = ImageFolderSource(folder, classes=record["classes"])
+    eval_cfg = EvalConfig.from_dict(record["eval"])
+    backend = data_setup.loader_backend({"loader": loader})
+    dl = build_eval_loader(source, eval_cfg, batch_size, device=dev, backend=backend, num_threads=2)
+    try:
+        probs, labels = predict(model, dl)
+        skipped = dl.skipped
+    finally:
+        dl.close()
+    meta = {"checkpoint": str(checkpoint), "data": str(folder), "arch": record["model"]["arch"],
+            "eval_transform": f"resize {eval_cfg.resize}, centre crop {eval_cfg.crop}",
+            "unreadable_files_skipped": len(skipped)}
+    return write_report(Path(out_dir), labels.numpy(), probs.numpy(), record["classes"],
+                        title=f"Evaluation of {Path(checkpoint).name} on {folder.name}", meta=meta, n_boot=n_boot)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dinocxr_fast.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="classifier.pt (or the run folder holding it)")
+    parser.add_argument("--data", required=True, help="labelled ImageFolder root (class sub-folders), or its parent with --split")
+    parser.add_argument("--split", help="sub-folder of --data to score, e.g. test")
+    parser.add_argument("--out", help="report folder (default: <checkpoint folder>/eval-<data name>)")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (0: none)")
+    parser.add_argument("--loader", default="auto", choices=("auto", "dali", "torch"))
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    ckpt_path = Path(args.checkpoint)
+    out = Path(args.out) if args.out else (ckpt_path if ckpt_path.is_dir() else ckpt_path.parent) / \
+        f"eval-{Path(args.data).name}{'-' + args.split if args.split else ''}"
+    try:
+        metrics = evaluate_checkpoint(ckpt_path, args.data, out, split=args.split, loader=args.loader,
+                                      n_boot=args.bootstrap, device=args.device)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print((out / "report.md").read_text())
+    print(f"wrote {out}/report.md, metrics.json, roc.png, confusion.png (accuracy {metrics['accuracy']:.4f}, "
+          f"AUC {metrics['roc_auc']:.4f})")
+    return 0
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""Full fine-tuning of a (pretrained) ViTAEv2 backbone with a linear classifier.
+
+SGD by default (the paper fine-tunes with SGD, batch 512, lr from a grid search) with warm-up +
+cosine, optional layer-wise lr decay, class weighting for imbalanced sets, bf16 on GPU. The loop,
+checkpoints, resume, signals and DDP are ``TrainingJob``'s, shared with pretraining. After each
+epoch the model is scored on the validation split; the best one (by ``eval.select_by``) is kept as
+``classifier.pt`` and, at the end, evaluated on the test split into ``report/``.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from dinocxr_fast.classifier import build_classifier, classifier_record, load_backbone, predict, save_classifier
+from dinocxr_fast.data import build_eval_loader
+from dinocxr_fast.dino import build as dino_build
+from dinocxr_fast.evaluate import write_report
+from dinocxr_fast.metrics import classification_metrics
+from dinocxr_fast.runtime import data as data_setup
+from dinocxr_fast.runtime import distributed
+from dinocxr_fast.runtime.job import TrainingJob
+from dinocxr_fast.runtime.metrics import Progress
+
+
+def layer_ids(model: torch.nn.Module) -> dict[str, int]:
+    """Depth index of every parameter for layer-wise lr decay: 0 for the first reduction cell,
+    +1 per cell (reduction or normal) in order, the classifier head last."""
+    ids, depth = {}, 0
+    for name, _ in model.named_parameters():
+        parts = name.split(".")
+        if parts[0] == "backbone" and len(parts) > 3 and parts[1] == "stages":
+            stage = int(parts[2])
+            if parts[3] == "reduction":
+                key = (stage, -1)
+            else:
+                key = (stage, int(parts[4]))
+            ids[name] = key
+        elif parts[0] == "head":
+            ids[name] = None
+        else:
+            ids[name] = (-1, -1)
+    ordered = sorted({k for k in ids.values() if k is not None})
+    rank = {k: i for i, k in enumerate(ordered)}
+    depth = len(ordered)
+    return {name: (depth if key is None else rank[key]) for name, key in ids.items()}
+
+
+def layer_decay_groups(model: torch.nn.Module, layer_decay: float) -> list[dict]:
+    """Parameter groups with lr_scale = layer_decay ** (depth - layer id); no weight decay on biases
+    and norm parameters."""
+    ids = layer_ids(model)
+    depth = max(ids.values())
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = name.endswith(".bias") or p.ndim == 1
+        key = (ids[name], no_decay)
+        if key not in groups:
+            groups[key] = {"params": [], "lr_scale": layer_decay ** (depth - ids[name]),
+                           "name": "no_decay" if no_decay else "decay"}
+            if no_decay:
+                groups[key]["weight_decay"] = 0.0
+        groups[key]["params"].append(p)
+    return list(groups.values())
+
+
+class FinetuneJob(TrainingJob):
+    FORMAT = "dinocxr_fast.finetune/1"
+    TITLE = "DINO-CXR fine-tuning run"
+
+    def __init__(self, cfg: dict, run_dir: Path, *, resume: Path | None = None, show_progress: bool = True):
+        super().__init__(cfg, run_dir, show_progress=show_progress)
+        d, m, o = cfg["data"], cfg["model"], cfg["optim"]
+        seed = int(cfg["train"]["seed"])
+        in_chans = int(m["in_chans"])
+        self.train_src, self.val_src, self.test_src, self.test_split = data_setup.supervised_sources(d)
+        self.classes = list(self.train_src.classes)
+        per_rank = len(self.train_src) // self.dist.world_size
+        self.batch_size = min(int(o["batch_size"]), per_rank)
+        if self.batch_size < 1:
+            raise ValueError(f"{len(self.train_src)} training images cannot feed {self.dist.world_size} processes")
+        self.loader = data_setup.supervised_train_loader(
+            self.train_src, d, self.batch_size, channels=in_chans, device=self.device, shard_id=self.dist.rank,
+            num_shards=self.dist.world_size, seed=seed)
+        self.steps_per_epoch = len(self.loader)
+        self.eval_cfg = data_setup.eval_config(d["image_size"], in_chans)
+
+        self.model = build_classifier(m["arch"], in_chans, len(self.classes), float(m["drop_path_rate"]))
+        self.pretrained_from = load_backbone(self.model, m["pretrained"])
+        self.model.to(self.device)
+        self.model_ddp = DistributedDataParallel(
+            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+        ) if self.dist.enabled else self.model
+        groups = layer_decay_groups(self.model, float(o["layer_decay"]))
+        self.optimizer = dino_build.build_optimizer(o, groups, fused_ok=self.device.type == "cuda")
+        self.schedules = dino_build.build_schedules(
+            {"optim": o, "train": cfg["train"], "dino": {"momentum_teacher": 0.0}}, self.steps_per_epoch,
+            self.batch_size * self.dist.world_size)
+        counts = np.bincount(self.train_src.labels(), minlength=len(self.classes)).astype(np.float64)
+        if o["class_weighting"] == "balanced":
+            weights = counts.sum() / (len(self.classes) * np.maximum(counts, 1))
+        elif o["class_weighting"] == "none":
+            weights = np.ones(len(self.classes))
+        else:
+            raise ValueError(f"unknown optim.class_weighting={o['class_weighting']!r} (balanced, none)")
+        self.class_weights = torch.tensor(weights, dtype=torch.float32, device=self.device)
+        self.best = {"metric": -math.inf, "epoch": None}
+        if resume is not None:
+            self.resume_from(resume)
+        self.save_effective_config()
+
+    # ---- TrainingJob interface ------------------------------------------------------------------
+    def model_state(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "best": dict(self.best)}
+
+    def load_model_state(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.best = dict(state["best"])
+
+    def weights(self):
+        return self.model.parameters()
+
+    def batch_images(self, batch) -> int:
+        return batch[0].shape[0]
+
+    def train_step(self, batch) -> dict:
+        images, labels = batch
+        it = self.step
+        for group in self.optimizer.param_groups:
+            group["lr"] = float(self.schedules["lr"][it]) * group.get("lr_scale", 1.0)
+            if group.get("name") == "decay":
+                group["weight_decay"] = float(self.schedules["weight_decay"][it])
+        with self.autocast():
+            logits = self.model_ddp(images)
+        loss = F.cross_entropy(logits.float(), labels, weight=self.class_weights,
+                               label_smoothing=float(self.cfg["optim"]["label_smoothing"]))
+        if not math.isfinite(loss.item()):
+            raise self.non_finite("the loss is not finite", {"logits": logits.detach()},
+                                  {"images": images.detach().cpu(), "labels": labels.cpu()})
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = dino_build.clip_gradients_per_tensor(params, float(self.cfg["optim"]["clip_grad"]))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.step += 1
+        return {"loss": loss.detach(), "grad_norm": grad_norm}
+
+    def log_fields(self, out: dict) -> dict:
+        return {"lr": float(self.schedules["lr"][self.step - 1]), "grad_norm": float(out["grad_norm"]),
+                "weight_decay": float(self.schedules["weight_decay"][self.step - 1])}
+
+    # ---- validation, best checkpoint, final report ----------------------------------------------
+    def _loader(self, source):
+        return build_eval_loader(source, self.eval_cfg, 64, device=self.device,
+                                 backend=data_setup.loader_backend(self.cfg["data"]), num_threads=2)
+
+    def _score(self, source) -> tuple[np.ndarray, np.ndarray]:
+        loader = self._loader(source)
+        try:
+            probs, labels = predict(self.model, loader, self.autocast)
+        finally:
+            loader.close()
+        return labels.numpy(), probs.numpy()
+
+    def _record(self) -> dict:
+        m = self.cfg["model"]
+        return classifier_record(self.model, arch=m["arch"], in_chans=int(m["in_chans"]), classes=self.classes,
+                                 eval_cfg=self.eval_cfg.to_dict(),
+                                 extra={"pretrained": self.pretrained_from, "best": dict(self.best)})
+
+    def on_epoch_end(self, epoch: int, progress: Progress) -> None:
+        if self.is_main:
+            y, probs = self._score(self.val_src)
+            metrics = classification_metrics(y, probs)
+            key = self.cfg["eval"]["select_by"]
+            value = metrics[key] if not math.isnan(metrics[key]) else metrics["accuracy"]
+            self.metrics.write({"step": self.step, "epoch": epoch, "val_accuracy": metrics["accuracy"],
+                                "val_roc_auc": metrics["roc_auc"], "val_f1": metrics["f1"]}, self.step)
+            progress.write(f"epoch {epoch}: val accuracy {metrics['accuracy']:.4f}, AUC {metrics['roc_auc']:.4f}")
+            if value > self.best["metric"]:
+                self.best = {"metric": float(value), "epoch": epoch, "select_by": key}
+                save_classifier(self._record(), self.run_dir / "classifier.pt")
+        distributed.barrier()
+
+    def on_finish(self) -> None:
+        if not self.is_main or self.stop.kind != "done":
+            return
+        if self.best["epoch"] is None:  # no epoch finished: keep the current weights
+            save_classifier(self._record(), self.run_dir / "classifier.pt")
+        from dinocxr_fast.classifier import load_classifier  # noqa: PLC0415
+
+        best, _ = load_classifier(self.run_dir / "classifier.pt", self.device)
+        current = self.model
+        self.model = best
+        try:
+            y, probs = self._score(self.test_src)
+        finally:
+            self.model = current
+        write_report(self.run_dir / "report", y, probs, self.classes,
+                     title=f"Fine-tuned {self.cfg['model']['arch']} on {self.test_split}",
+                     meta={"pretrained": self.pretrained_from, "label_fraction": self.cfg["data"]["label_fraction"],
+                           "train_images": len(self.train_src), "best_epoch": self.best["epoch"],
+                           "selected_by": f"validation {self.best.get('select_by', self.cfg['eval']['select_by'])}"},
+                     n_boot=int(self.cfg["eval"]["bootstrap"]))
+
+    def summary_lines(self, last: dict | None) -> list[str]:
+        lines = [f"- model: {self.cfg['model']['arch']} from {self.pretrained_from}; {len(self.train_src)} training "
+                 f"images (label fraction {self.cfg['data']['label_fraction']}), classes {self.classes}",
+                 f"- best validation {self.cfg['eval']['select_by']}: {self.best['metric']:.4f} (epoch {self.best['epoch']})"
+                 if self.best["epoch"] is not None else "- no validation pass yet"]
+        if (self.run_dir / "report" / "report.md").is_file():
+            lines.append(f"- test report: {self.run_dir / 'report' / 'report.md'}")
+        lines.append(f"- classifier: {self.run_dir / 'classifier.pt'} (evaluate: `python -m dinocxr_fast.evaluate "
+                     f"--checkpoint {self.run_dir / 'classifier.pt'} --data DATA_ROOT --split test`)")
+        return lines
