@@ -81,7 +81,10 @@ def _view(img, p, spec: ViewSpec, cfg: ViewsConfig, dev: Callable):
         v = fn.gaussian_blur(v, sigma=p[SIGMA], window_size=fn.cast(p[WINDOW], dtype=types.INT32))
     if spec.solarize_p > 0:
         v = v * (1.0 / scale) if scale != 1.0 else v
-        v = v + (v >= cfg.solarize_threshold) * dev(p[SOLARIZE]) * (1.0 - 2.0 * v)
+        # |v - 1| = 1 - v where v >= threshold, |v - 0| = v below; samples not drawn for
+        # solarisation get a threshold above 1. Three passes where the plain formula takes six.
+        threshold = dev(cfg.solarize_threshold + (1.0 - p[SOLARIZE]) * 2.0)
+        v = dmath.abs(v - (v >= threshold))
         scale = 1.0
     return fn.crop_mirror_normalize(
         v,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -27,8 +27,7 @@ class CorruptImageError(Exception):
     """The bytes are not a decodable image; the message says why."""
 
 
-@dataclass(frozen=True)
-class ImageInfo:
+class ImageInfo(NamedTuple):
     fmt: str  # "png", "jpeg", "pgm", "dicom", or a PIL format name in lower case
     height: int
     width: int

@@ -115,7 +115,8 @@ class CsvSource(Source):
 
     With ``columns`` the file has no header row and those are its column names (COVIDx:
     ``patient_id filename label source``, space separated); otherwise the first row is the header.
-    ``where={"split": "train"}`` keeps matching rows only. Listed files that do not exist are
+    ``where={"split": "train"}`` keeps matching rows only. ``patient_col="auto"`` uses a
+    ``patient_id`` column if the list has one. Listed files that do not exist are
     logged and left out; a list whose files are all missing is an error.
     """
 
@@ -126,7 +127,7 @@ class CsvSource(Source):
         *,
         path_col: str = "filename",
         label_col: str | None = "label",
-        patient_col: str | None = "patient_id",
+        patient_col: str | None = "auto",
         columns: Sequence[str] | None = None,
         delimiter: str | None = "auto",
         classes: Sequence[str] | None = None,
@@ -140,6 +141,8 @@ class CsvSource(Source):
         rows = self._read_rows(csv_path, columns, delimiter)
         if not rows:
             raise DatasetError(f"list file has no rows: {csv_path}")
+        if patient_col == "auto":  # optional: use a patient_id column when there is one
+            patient_col = "patient_id" if "patient_id" in rows[0] else None
         for col in (path_col, label_col, patient_col):
             if col is not None and col not in rows[0]:
                 raise DatasetError(f"{csv_path} has no column {col!r} (columns: {list(rows[0])})")

@@ -84,16 +84,16 @@ def render_phantom(seed: int, index: int, label: int, size: int = 256) -> np.nda
     img += spine * (0.19 + 0.025 * np.cos(2 * np.pi * yy * (13 + j(0.5))))
     img += 0.12 * heart
 
-    if label == 1:  # pneumonia: soft opacities confined to the lung fields
-        for _ in range(int(rng.integers(1, 4))):
-            side = rng.choice([-1.0, 1.0])
-            oy = rng.uniform(0.35, 0.68)
-            ox = cx + side * rng.uniform(0.1, 0.25)
-            sig = rng.uniform(0.06, 0.11)
-            blob = np.exp(-((yy - oy) ** 2 + (xx - ox) ** 2) / (2 * sig * sig))
-            img += rng.uniform(0.22, 0.32) * blob * lungs
+    # Pneumonia: soft opacities confined to the lung fields. They are drawn for every image and
+    # only painted for label 1, so both labels of one (seed, index) share all other randomness.
+    for _ in range(int(rng.integers(2, 5))):
+        side = rng.choice([-1.0, 1.0])
+        oy, ox = rng.uniform(0.35, 0.68), cx + side * rng.uniform(0.1, 0.25)
+        sig, density = rng.uniform(0.07, 0.13), rng.uniform(0.25, 0.38)
+        if label == 1:
+            img += density * np.exp(-((yy - oy) ** 2 + (xx - ox) ** 2) / (2 * sig * sig)) * lungs
 
-    img = img * rng.uniform(0.85, 1.15) + rng.uniform(-0.04, 0.04)  # exposure
+    img = img * rng.uniform(0.9, 1.1) + rng.uniform(-0.03, 0.03)  # exposure
     img += rng.normal(0.0, 0.012, img.shape).astype(np.float32)  # quantum noise
     img = (img + np.roll(img, 1, 0) + np.roll(img, 1, 1) + np.roll(img, (1, 1), (0, 1))) * 0.25  # detector blur
     return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)

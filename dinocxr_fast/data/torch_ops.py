@@ -19,7 +19,7 @@ _FILTERS = {"bicubic": 3, "bilinear": 2}  # PIL.Image.Resampling.BICUBIC / BILIN
 def resample(img, box: tuple[float, float, float, float], size: int, interpolation: str) -> torch.Tensor:
     """Resample the source box (x0, y0, x1, y1) of a PIL 'L'/'F' image to size x size, in [0, 1]."""
     out = img.resize((size, size), _FILTERS[interpolation], box=box)
-    x = torch.from_numpy(np.asarray(out, dtype=np.float32)) * (1.0 / 255.0)
+    x = torch.from_numpy(np.array(out, dtype=np.float32)).mul_(1.0 / 255.0)
     return x.clamp_(0.0, 1.0)  # 'F' images keep the cubic overshoot; 'L' ones are clipped already
 
 

@@ -6,6 +6,8 @@ tensors to the device. Workers are persistent: they are started once and reused 
 """
 from __future__ import annotations
 
+import multiprocessing
+import sys
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -75,6 +77,18 @@ class _SpecSampler(Sampler):
         return len(self.specs)
 
 
+def _worker_context():
+    """How workers start. A process that has run DALI pipelines holds native threads, and a
+    forked child of such a process can deadlock; then the workers come from a fork server (which
+    preloads this module and torch once, so starting them stays cheap). Like any spawn-style start
+    this needs the ``if __name__ == "__main__":`` guard in a script. Otherwise: plain fork."""
+    if "nvidia.dali" not in sys.modules:
+        return None
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return ctx
+
+
 def _keep(item):
     return item
 
@@ -99,7 +113,14 @@ class TorchRunner:
         self.device = device
         self._dataset = _BatchDataset(assembler, cfg)
         self._sampler = _SpecSampler()
-        kwargs = dict(prefetch_factor=prefetch_factor, persistent_workers=True, worker_init_fn=_worker_init) if num_workers else {}
+        kwargs = {}
+        if num_workers:
+            kwargs = dict(
+                prefetch_factor=prefetch_factor,
+                persistent_workers=True,
+                worker_init_fn=_worker_init,
+                multiprocessing_context=_worker_context(),
+            )
         self._loader = DataLoader(
             self._dataset,
             batch_size=None,  # every item already is a batch
