@@ -18,7 +18,6 @@ import statistics
 import time
 from pathlib import Path
 
-
 from benchmarks import _harness as H
 from dinocxr_fast.data import ImageFolderSource, ViewsConfig, build_pretrain_loader
 

@@ -26,8 +26,10 @@ from dinocxr_fast.data import (
     ImageFolderSource,
     Source,
     ViewsConfig,
+    ViewSpec,
     build_eval_loader,
     build_pretrain_loader,
+    build_train_loader,
 )
 from dinocxr_fast.data.config import GRAY_MEAN, GRAY_STD
 
@@ -253,6 +255,21 @@ def test_output_formats_bf16_fp16_and_three_channels(train24, backend):
     assert torch.equal(views[0][:, 0], views[0][:, 2])
     x, y = next(iter(build_eval_loader(train24, EvalConfig.for_size(32, dtype="float16"), 4, backend=backend)))
     assert x.dtype == torch.float16 and y.dtype == torch.int64
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_train_loader_gives_augmented_crops_with_their_labels(train24, backend):
+    crop = ViewsConfig(views=(ViewSpec(32, scale=(0.5, 1.0), jitter_p=0.0, blur_p=0.0),))
+    loader = build_train_loader(train24, crop, 8, backend=backend, seed=3)
+    seen = []
+    for x, y in loader:
+        assert x.shape == (8, 1, 32, 32)
+        assert y.tolist() == [train24[i].label for i in loader.batch_indices]
+        seen += loader.batch_indices.tolist()
+    assert sorted(seen) == list(range(24))  # shuffled, every sample once
+    assert seen != list(range(24))
+    with pytest.raises(ValueError, match="one view"):
+        build_train_loader(train24, SMALL, 8)
 
 
 def test_loader_errors(train24):

@@ -11,11 +11,18 @@ Layout (one job per module):
   assemble    batch preparation: reads, skips unreadable files, plans
   dali_graph  the DALI graphs; dali_runner runs them
   torch_ops   the same transforms with PIL + torch; torch_runner runs them in DataLoader workers
-  loaders     build_pretrain_loader / build_eval_loader: what the trainer uses
+  loaders     build_pretrain_loader / build_eval_loader / build_train_loader: what the trainer uses
 """
 from .config import EvalConfig, ViewsConfig, ViewSpec
 from .imageio import CorruptImageError
-from .loaders import EvalLoader, PretrainLoader, build_eval_loader, build_pretrain_loader, dali_available
+from .loaders import (
+    EvalLoader,
+    PretrainLoader,
+    build_eval_loader,
+    build_pretrain_loader,
+    build_train_loader,
+    dali_available,
+)
 from .samples import UNLABELLED, DatasetError, Sample, Source
 from .sources import CsvSource, DicomSource, ImageFolderSource, kermany_patient_id, source_from_config
 from .subsets import label_fraction_subset, split_by_patient
@@ -38,6 +45,7 @@ __all__ = [
     "ViewsConfig",
     "build_eval_loader",
     "build_pretrain_loader",
+    "build_train_loader",
     "dali_available",
     "kermany_patient_id",
     "label_fraction_subset",

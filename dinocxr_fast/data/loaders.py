@@ -193,7 +193,8 @@ class PretrainLoader(_EpochLoader):
 
 
 class EvalLoader(_EpochLoader):
-    """Yields (images [B, C, crop, crop], labels [B] int64) per step, labels on the device."""
+    """Yields (images [B, C, H, W], labels [B] int64) per step, labels on the device. With an
+    EvalConfig the images are the eval transform; with a one-view ViewsConfig, augmented crops."""
 
     def _format(self, pb: PreparedBatch, outputs: list[torch.Tensor]):
         return outputs[0], torch.from_numpy(pb.labels).to(self.device)
@@ -251,4 +252,33 @@ def build_eval_loader(
         source, eval_cfg or EvalConfig(), batch_size, device=device, shard_id=shard_id,
         num_shards=num_shards, seed=seed, backend=backend, num_threads=num_threads, shuffle=shuffle,
         drop_last=drop_last, on_bad="drop",
+    )
+
+
+def build_train_loader(
+    source: Source,
+    view: ViewsConfig,
+    batch_size: int = 64,
+    *,
+    device: str | torch.device = "cpu",
+    shard_id: int = 0,
+    num_shards: int = 1,
+    seed: int = 0,
+    backend: str = "dali",
+    num_threads: int = 2,
+    drop_last: bool = True,
+) -> EvalLoader:
+    """(images, labels) with one augmented view per image, for fine-tuning and linear probes.
+
+    ``view`` is a ViewsConfig with exactly one view (e.g. RRC + flip only:
+    ``ViewsConfig(views=(ViewSpec(224, jitter_p=0, blur_p=0),))``). Shuffled per (seed, epoch);
+    unreadable files are dropped from their batch so the labels stay true.
+    """
+    if not source.labelled:
+        raise DatasetError(f"{source.root}: the training loader needs labelled samples")
+    if view.n_views != 1:
+        raise ValueError(f"build_train_loader takes a ViewsConfig with one view, got {view.n_views}")
+    return EvalLoader(
+        source, view, batch_size, device=device, shard_id=shard_id, num_shards=num_shards, seed=seed,
+        backend=backend, num_threads=num_threads, shuffle=True, drop_last=drop_last, on_bad="drop",
     )

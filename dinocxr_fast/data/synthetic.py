@@ -12,6 +12,7 @@ from ``phantom://`` URIs (``in_memory=True``).
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -22,6 +23,7 @@ import numpy as np
 
 from .samples import Sample, Source
 
+log = logging.getLogger("dinocxr_fast.data")
 CLASSES = ("normal", "pneumonia")
 VERSION = "v1"  # bump when the renderer changes, so stale caches are not reused
 
@@ -127,6 +129,7 @@ def write_phantoms(folder: Path, n: int, size: int, seed: int) -> Path:
 
     if (folder / ".complete").exists():
         return folder
+    log.info("rendering %d chest phantoms (%d px) into %s, once", n, size, folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp", dir=folder.parent))
     try:
