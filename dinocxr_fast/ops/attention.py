@@ -26,18 +26,20 @@ softmax); the ``torch`` backend runs the same partitioning around
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from dinocxr_fast.ops import _backend
+from dinocxr_fast.ops import _backend, attention_triton
 from dinocxr_fast.ops._checks import check_same_device, check_tensor
 
 # Fastest first, per device type. Later backends (triton, cuda) only add their names here and a
-# function to _KERNELS below; the model does not change.
-IMPLEMENTED = {"cpu": ("torch",), "cuda": ("torch",)}
-WINDOW_IMPLEMENTED = {"cpu": ("torch",), "cuda": ("torch",)}
+# function to _KERNELS below; the model does not change. "auto" never takes triton on the CPU
+# (that is the interpreter, for tests).
+IMPLEMENTED = {"cpu": ("torch", "triton"), "cuda": ("triton", "torch")}
+WINDOW_IMPLEMENTED = {"cpu": ("torch", "triton"), "cuda": ("triton", "torch")}
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 Core = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, float], torch.Tensor]
@@ -163,8 +165,29 @@ def _torch_window_attention(qkv, num_heads, window_size, scale, pad_value, dropo
     return _window_attention_with(_sdpa_core, qkv, num_heads, window_size, scale, pad_value, dropout_p)
 
 
-_KERNELS = {"torch": _torch_attention}
-_WINDOW_KERNELS = {"torch": _torch_window_attention}
+def _triton_attention(qkv, num_heads, scale, dropout_p):
+    return attention_triton.attention(qkv, num_heads, scale)
+
+
+def _triton_window_attention(qkv, num_heads, window_size, scale, pad_value, dropout_p):
+    return attention_triton.window_attention(qkv, num_heads, window_size, scale, pad_value)
+
+
+_KERNELS = {"torch": _torch_attention, "triton": _triton_attention}
+_WINDOW_KERNELS = {"torch": _torch_window_attention, "triton": _triton_window_attention}
+
+
+def _unless_triton_cannot(chosen, requested, qkv, num_heads, window_size, dropout_p):
+    """The Triton kernels cover fp16/bf16/fp32, head_dim <= 128, windows up to 11 x 11 and no
+    dropout: outside that, "auto" takes the torch backend and a request by name raises."""
+    if chosen != "triton":
+        return chosen
+    reason = attention_triton.why_unsupported(qkv, num_heads, window_size, dropout_p)
+    if reason is None:
+        return chosen
+    if requested == "auto" and not os.environ.get(_backend.ENV_VAR):
+        return "torch"
+    raise ValueError(f"backend 'triton' cannot run this call: {reason}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,6 +228,7 @@ def attention(
     """
     device = _validate(qkv, num_heads, scale, dropout_p, grid=False)
     chosen = _backend.resolve("attention", backend, device, IMPLEMENTED)
+    chosen = _unless_triton_cannot(chosen, backend, qkv, num_heads, None, dropout_p)
     return _KERNELS[chosen](qkv, num_heads, _default_scale(qkv, num_heads, scale), float(dropout_p))
 
 
@@ -232,6 +256,7 @@ def window_attention(
         if pad_value.shape[0] != qkv.shape[-1]:
             raise ValueError(f"pad_value must have shape [{qkv.shape[-1]}] (3C), got {tuple(pad_value.shape)}")
     chosen = _backend.resolve("window_attention", backend, device, WINDOW_IMPLEMENTED)
+    chosen = _unless_triton_cannot(chosen, backend, qkv, num_heads, window_size, dropout_p)
     return _WINDOW_KERNELS[chosen](
         qkv, num_heads, window_size, _default_scale(qkv, num_heads, scale), pad_value, float(dropout_p)
     )

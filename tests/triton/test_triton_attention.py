@@ -1,0 +1,243 @@
+"""Triton window / full attention (backend="triton") against the reference, forward and backward.
+
+Without a GPU the kernels run in the Triton interpreter (tests/triton/conftest.py) on small
+shapes in fp32 and fp16: window grids 7x7, 8x8 (padded to 14x14), 14x14 and 9x12, head dims
+16 / 32 / 48 / 64, the padded keys holding ``pad_value`` (and its gradient) or zeros; full attention
+with N not a multiple of the blocks. The ``cuda`` tests take ViTAEv2-S sizes, bf16, head dim 128
+and N = 3136, and hold the kernels to the accuracy of torch's own SDPA in the same dtype.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+from dinocxr_fast.ops.attention import attention, attention_reference, window_attention, window_attention_reference
+
+attn_mod = importlib.import_module("dinocxr_fast.ops.attention")
+interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="interpreter test (TRITON_INTERPRET=1, set without a GPU)")
+
+
+def _randn(*shape, seed, device="cpu"):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(device)
+
+
+def window_case(batch, hw, heads, head_dim, dtype, pad, device="cpu", ws=7, pad_dtype=None):
+    c = heads * head_dim
+    qkv = _randn(batch, *hw, 3 * c, seed=0, device=device).to(dtype)
+    pad_value = _randn(3 * c, seed=1, device=device).to(pad_dtype or dtype) if pad else None
+    grad_out = _randn(batch, *hw, c, seed=2, device=device).to(dtype)
+    return qkv, pad_value, grad_out
+
+
+def run_window(qkv, pad_value, grad_out, heads, ws, backend):
+    x = qkv.detach().requires_grad_()
+    p = pad_value.detach().requires_grad_() if pad_value is not None else None
+    out = window_attention(x, heads, ws, pad_value=p, backend=backend)
+    inputs = [x] + ([p] if p is not None else [])
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    return [out.detach(), *grads]
+
+
+def reference_window(qkv, pad_value, grad_out, heads, ws):
+    """The specification in fp64 on the same (rounded) inputs."""
+    x = qkv.detach().double().requires_grad_()
+    p = pad_value.detach().double().requires_grad_() if pad_value is not None else None
+    out = window_attention_reference(x, heads, ws, pad_value=p)
+    inputs = [x] + ([p] if p is not None else [])
+    grads = torch.autograd.grad(out, inputs, grad_out.double(), materialize_grads=True)
+    return [out.detach(), *grads]
+
+
+def run_full(qkv, grad_out, heads, backend):
+    x = qkv.detach().requires_grad_()
+    out = attention(x, heads, backend=backend)
+    (g,) = torch.autograd.grad(out, x, grad_out)
+    return [out.detach(), g]
+
+
+def reference_full(qkv, grad_out, heads):
+    x = qkv.detach().double().requires_grad_()
+    out = attention_reference(x, heads)
+    (g,) = torch.autograd.grad(out, x, grad_out.double())
+    return [out.detach(), g]
+
+
+def assert_close_to(got, want, dtype, names):
+    for g, w, name in zip(got, want, names):
+        assert g.dtype == dtype or name == "d pad_value", name
+        scale = w.abs().max().item() or 1.0
+        tol = 2e-5 if dtype == torch.float32 else 4e-3
+        err = (g.double() - w).abs().max().item()
+        assert err <= tol * scale, f"{name}: max error {err:.3g} over {tol * scale:.3g} (scale {scale:.3g})"
+
+
+# ---- interpreter (CI) --------------------------------------------------------------------------------
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("batch,hw,heads,head_dim,pad", [
+    (1, (7, 7), 2, 32, True),    # one window, no padding: pad_value unused, its gradient zero
+    (2, (8, 8), 1, 64, True),    # padded to 14 x 14: four windows per image, most tokens padding
+    (1, (14, 14), 2, 32, False),  # four windows, no padding
+    (1, (14, 14), 1, 64, True),
+    (1, (9, 12), 2, 32, True),   # non-square, padded (3, 2) rows and (1, 1) columns
+    (2, (8, 8), 1, 48, False),   # head dim not a power of two; zero padding tokens
+])
+def test_window_matches_reference(dtype, batch, hw, heads, head_dim, pad):
+    qkv, pad_value, grad_out = window_case(batch, hw, heads, head_dim, dtype, pad)
+    got = run_window(qkv, pad_value, grad_out, heads, 7, "triton")
+    want = reference_window(qkv, pad_value, grad_out, heads, 7)
+    assert got[0].shape == (batch, *hw, heads * head_dim) and got[0].is_contiguous()
+    assert_close_to(got, want, dtype, ["out", "d qkv", "d pad_value"])
+
+
+@interpreted
+def test_window_fp32_pad_value_with_fp16_tokens():
+    """The model's case under autocast: the qkv bias (fp32) pads fp16 tokens; its gradient is fp32."""
+    qkv, pad_value, grad_out = window_case(1, (5, 9), 1, 16, torch.float16, True, pad_dtype=torch.float32)
+    got = run_window(qkv, pad_value, grad_out, 1, 7, "triton")
+    want = reference_window(qkv, pad_value.half(), grad_out, 1, 7)
+    assert got[2].dtype == torch.float32
+    assert_close_to(got, want, torch.float16, ["out", "d qkv", "d pad_value"])
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape,heads", [
+    ((2, 49, 3 * 64), 2),     # stage 4 at 224 px, one block of queries and two of keys
+    ((1, 67, 3 * 64), 1),     # N a multiple of no block
+    ((1, 3, 5, 3 * 96), 3),   # tokens as a grid; head dim 32
+    ((2, 1, 3 * 16), 1),      # a single token
+])
+def test_full_matches_reference(dtype, shape, heads):
+    qkv = _randn(*shape, seed=0).to(dtype)
+    grad_out = _randn(*shape[:-1], shape[-1] // 3, seed=2).to(dtype)
+    got = run_full(qkv, grad_out, heads, "triton")
+    want = reference_full(qkv, grad_out, heads)
+    assert got[0].shape == shape[:-1] + (shape[-1] // 3,)
+    assert_close_to(got, want, dtype, ["out", "d qkv"])
+
+
+@interpreted
+def test_custom_ops_pass_opcheck():
+    """Schema, fake (meta) implementations and autograd registration of the torch.library ops."""
+    qkv, pad_value, _ = window_case(1, (5, 8), 1, 16, torch.float32, True)
+    torch.library.opcheck(torch.ops.dinocxr.window_attention_triton,
+                          (qkv.requires_grad_(), pad_value.requires_grad_(), 1, 7, 0.25))
+    full = _randn(1, 20, 3 * 32, seed=3).float().requires_grad_()
+    torch.library.opcheck(torch.ops.dinocxr.attention_triton, (full, 2, 0.25))
+
+
+@interpreted
+@pytest.mark.parametrize("call,match", [
+    (lambda q: window_attention(q, 1, 7, dropout_p=0.1, backend="triton"), "dropout_p"),
+    (lambda q: window_attention(q.double(), 1, 7, backend="triton"), "qkv"),
+    (lambda q: window_attention(q, 1, 12, backend="triton"), "window_size"),
+    (lambda q: attention(torch.zeros(1, 4, 3 * 256), 1, backend="triton"), "qkv"),
+])
+def test_what_the_kernels_do_not_cover_is_a_value_error(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(torch.zeros(1, 7, 7, 3 * 16))
+
+
+def test_auto_takes_triton_on_cuda_only():
+    from dinocxr_fast.ops import _backend
+
+    for table in (attn_mod.IMPLEMENTED, attn_mod.WINDOW_IMPLEMENTED):
+        assert _backend.resolve("attention", "auto", torch.device("cpu"), table) == "torch"
+        assert table["cuda"][0] == "triton"
+
+
+# ---- GPU (pytest -m cuda) ------------------------------------------------------------------------------
+def _gpu_errors(got, want, peer):
+    return [((g.double() - w).abs().max().item(), (p.double() - w).abs().max().item(), w.abs().max().item())
+            for g, w, p in zip(got, want, peer)]
+
+
+def assert_as_accurate_as_sdpa(got, want, peer, names, dtype):
+    """No worse than torch SDPA in the same dtype (2x its error), with a floor for exact cases."""
+    floor = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    for (err, peer_err, scale), name in zip(_gpu_errors(got, want, peer), names):
+        assert err <= max(2 * peer_err, floor * scale), f"{name}: {err:.3g} vs SDPA {peer_err:.3g} (scale {scale:.3g})"
+
+
+GPU_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("batch,hw,heads,head_dim,pad", [
+    (4, (56, 56), 1, 64, True),   # ViTAEv2-S stage 1 at 224 px
+    (4, (28, 28), 2, 64, True),   # stage 2
+    (4, (28, 28), 1, 128, True),  # stage-2 reduction cell: head dim 128
+    (3, (24, 24), 2, 64, True),   # 96-px views: 24 x 24 padded to 28 x 28
+    (2, (8, 8), 1, 64, True),
+    (2, (9, 12), 2, 32, False),
+    (1, (7, 7), 3, 48, True),
+])
+def test_gpu_window_matches_reference(dtype, batch, hw, heads, head_dim, pad):
+    qkv, pad_value, grad_out = window_case(batch, hw, heads, head_dim, dtype, pad, device="cuda")
+    got = run_window(qkv, pad_value, grad_out, heads, 7, "triton")
+    peer = run_window(qkv, pad_value, grad_out, heads, 7, "torch")
+    want = reference_window(qkv, pad_value, grad_out, heads, 7)
+    assert_as_accurate_as_sdpa(got, want, peer, ["out", "d qkv", "d pad_value"], dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("batch,n,heads,head_dim", [
+    (8, 196, 4, 64),    # stage 3 at 224 px
+    (8, 49, 8, 64),     # stage 4
+    (8, 196, 2, 128),   # stage-3 reduction cell
+    (2, 3136, 1, 64),   # 56 x 56 tokens, full attention at high resolution
+    (3, 197, 3, 32),
+    (2, 1, 1, 64),
+])
+def test_gpu_full_matches_reference(dtype, batch, n, heads, head_dim):
+    qkv = _randn(batch, n, 3 * heads * head_dim, seed=0, device="cuda").to(dtype)
+    grad_out = _randn(batch, n, heads * head_dim, seed=2, device="cuda").to(dtype)
+    got = run_full(qkv, grad_out, heads, "triton")
+    peer = run_full(qkv, grad_out, heads, "torch")
+    want = reference_full(qkv, grad_out, heads)
+    assert_as_accurate_as_sdpa(got, want, peer, ["out", "d qkv"], dtype)
+
+
+@pytest.mark.cuda
+def test_gpu_window_padding_gradient_is_deterministic():
+    qkv, pad_value, grad_out = window_case(8, (24, 24), 2, 64, torch.bfloat16, True, device="cuda",
+                                           pad_dtype=torch.float32)
+    first = run_window(qkv, pad_value, grad_out, 2, 7, "triton")
+    second = run_window(qkv, pad_value, grad_out, 2, 7, "triton")
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+def test_gpu_model_with_triton_attention_matches_torch_attention(monkeypatch):
+    """ViTAEv2-S, bf16 autocast, forward and backward: "auto" (Triton attention) against the same
+    model with the torch attention backend."""
+    from dinocxr_fast.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("vitaev2_s").cuda()
+    images = torch.randn(4, model.in_chans, 224, 224, device="cuda")
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(images)
+        out.float().square().mean().backward()
+        grads = [p.grad.float().clone() for p in model.parameters() if p.grad is not None]
+        return out.float().detach(), grads
+
+    out_triton, grads_triton = run()
+    monkeypatch.setitem(attn_mod.IMPLEMENTED, "cuda", ("torch",))
+    monkeypatch.setitem(attn_mod.WINDOW_IMPLEMENTED, "cuda", ("torch",))
+    out_torch, grads_torch = run()
+    torch.testing.assert_close(out_triton, out_torch, rtol=5e-2, atol=5e-2 * out_torch.abs().max().item())
+    num = sum((a - b).norm() ** 2 for a, b in zip(grads_triton, grads_torch)) ** 0.5
+    den = sum(b.norm() ** 2 for b in grads_torch) ** 0.5
+    assert num / den < 5e-2
