@@ -174,6 +174,17 @@ def test_training_step_updates_everything_and_drop_path_is_stochastic():
         torch.testing.assert_close(model(x), model(x))
 
 
+def test_frozen_batchnorm_keeps_its_statistics_in_a_training_model():
+    torch.manual_seed(0)
+    model = create_model("vitaev2_tiny").train()
+    bn = model.stages[0].cells[0].pcm.conv2.bn
+    bn.eval()
+    before = (bn.running_mean.clone(), bn.running_var.clone())
+    model(torch.randn(2, 1, 32, 32)).sum().backward()
+    assert torch.equal(before[0], bn.running_mean) and torch.equal(before[1], bn.running_var)
+    assert int(bn.num_batches_tracked) == 0
+
+
 def test_drop_path_schedules():
     c = dataclasses.replace(CONFIGS["vitaev2_s"], drop_path_rate=0.13)
     rates = c.drop_path_rates()

@@ -32,18 +32,19 @@ def pcm_strides(downsample: int) -> tuple[int, int, int]:
 class ReductionCell(nn.Module):
     """Reduces the grid by ``downsample`` and changes the width from ``in_chans`` to ``token_dim``.
 
-    LayerNorms use eps 1e-5, the MLP ratio is 1 and there is no stochastic depth, as in the
-    reference. ``window_size=None`` selects full attention, which uses the value skip.
+    As in the reference: LayerNorms with eps 1e-5, MLP ratio 1, no dropout or stochastic depth,
+    the default attention scale; a qkv bias for window attention, none for full attention, which
+    instead adds its values to the output (``window_size=None`` selects it).
     """
 
     def __init__(self, in_chans, embed_dim, token_dim, downsample, kernel_size, dilations, num_heads,
-                 window_size=None, groups=1, mlp_ratio=1.0, qk_scale=None):
+                 window_size=None, groups=1, mlp_ratio=1.0):
         super().__init__()
         self.prm = PyramidReduction(in_chans, embed_dim, kernel_size, downsample, dilations)
         full = window_size is None
         self.norm1 = nn.LayerNorm(self.prm.out_chans)
         self.attn = Attention(self.prm.out_chans, token_dim, num_heads, window_size=window_size,
-                              qkv_bias=not full, qk_scale=qk_scale, value_skip=full)
+                              qkv_bias=not full, value_skip=full)
         self.pcm = ParallelConv((in_chans, embed_dim, embed_dim, token_dim), groups, pcm_strides(downsample))
         self.norm2 = nn.LayerNorm(token_dim)
         self.mlp = Mlp(token_dim, int(token_dim * mlp_ratio))

@@ -58,14 +58,15 @@ class ConvBNAct(nn.Module):
         conv, bn = self.conv, self.bn
         kwargs = {}
         if bn is not None:
+            # The BatchNorm's own mode decides, so freezing it with bn.eval() works as usual.
             momentum = bn.momentum
-            if self.training:
+            if bn.training:
                 bn.num_batches_tracked.add_(1)  # as nn.BatchNorm2d does; momentum=None reads it
                 if momentum is None:
                     momentum = 1.0 / float(bn.num_batches_tracked)
             kwargs = dict(bn_weight=bn.weight, bn_bias=bn.bias, running_mean=bn.running_mean,
                           running_var=bn.running_var, eps=bn.eps, momentum=momentum or 0.0,
-                          training=self.training)
+                          training=bn.training)
         return conv_bn_act(
             x, conv.weight, conv.bias, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
             groups=conv.groups, activation=self.activation, **kwargs,
@@ -142,7 +143,7 @@ class Attention(nn.Module):
         if self.window_size is not None:
             # Padded tokens are zeros before this projection, so their k/v are its bias.
             out = window_attention(qkv, self.num_heads, self.window_size, scale=self.scale,
-                                       pad_value=self.qkv.bias, dropout_p=drop)
+                                   pad_value=self.qkv.bias, dropout_p=drop)
         else:
             out = attention(qkv, self.num_heads, scale=self.scale, dropout_p=drop)
         out = self.proj_drop(self.proj(out))
@@ -154,7 +155,7 @@ class Attention(nn.Module):
         """Softmax maps for ``x`` (already normalised): B x heads x N x N, or per window."""
         pad = self.qkv.bias if self.window_size is not None else None
         return attention_probs(self.qkv(x), self.num_heads, scale=self.scale,
-                                   window_size=self.window_size, pad_value=pad)
+                               window_size=self.window_size, pad_value=pad)
 
     def extra_repr(self) -> str:
         kind = f"window_size={self.window_size}" if self.window_size else "full"

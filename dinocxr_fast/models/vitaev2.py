@@ -48,7 +48,7 @@ class ViTAEv2Config:
     mlp_ratio: float = 4.0
     reduction_mlp_ratio: float = 1.0
     qkv_bias: bool = True  # normal cells; window reduction cells have a bias, full ones none
-    qk_scale: float | None = None
+    qk_scale: float | None = None  # normal cells only, as in the reference
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
@@ -129,7 +129,7 @@ class ViTAEv2(nn.Module):
             reduction = ReductionCell(
                 width, config.embed_dims[i], config.token_dims[i], config.downsample_ratios[i],
                 config.kernel_sizes[i], config.dilations[i], config.reduction_heads[i], window_size=window,
-                groups=config.reduction_groups[i], mlp_ratio=config.reduction_mlp_ratio, qk_scale=config.qk_scale,
+                groups=config.reduction_groups[i], mlp_ratio=config.reduction_mlp_ratio,
             )
             cells = [
                 NormalCell(config.token_dims[i], config.num_heads[i], window_size=window, groups=config.groups[i],
