@@ -201,7 +201,7 @@ def test_unreadable_files_are_skipped_counted_and_named(planted, backend, caplog
     assert evl.num_skipped == 4
 
 
-def test_a_batch_of_only_unreadable_files(tmp_path, backend="dali"):
+def test_a_batch_of_only_unreadable_files(tmp_path):
     (tmp_path / "a").mkdir()
     good = sorted(glob.glob(str(cxr_sample() / "val" / "normal" / "*.png")))[0]
     (tmp_path / "a" / "0.png").symlink_to(good)
@@ -212,6 +212,8 @@ def test_a_batch_of_only_unreadable_files(tmp_path, backend="dali"):
     assert sum(len(y) for _, y in evl) == 1  # three empty batches left out, one image
     pre = build_pretrain_loader(src, ViewsConfig.dino_cxr().with_size(16), 2)
     assert all(v.shape[0] == 2 for views in pre for v in views)  # filled with the good one
+    crops = ViewsConfig(views=(ViewSpec(16),))
+    assert sum(len(y) for _, y in build_train_loader(src, crops, 1, drop_last=False)) == 1
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -16,7 +16,7 @@ import numpy as np
 
 from .config import EvalConfig, ViewsConfig
 from .imageio import CorruptImageError, ImageInfo, load_encoded
-from .planning import BatchSpec, eval_roi, plan_views
+from .planning import N_PARAMS, BatchSpec, eval_roi, plan_views
 from .samples import DatasetError, Source
 
 log = logging.getLogger("dinocxr_fast.data")
@@ -144,7 +144,7 @@ class BatchAssembler:
         if self.views is not None:
             rows = [plan_views(self.seed, spec.epoch, key, info.height, info.width, self.views.views)
                     for (key, _, _), info in zip(slots, infos)]
-            stacked = np.stack(rows) if rows else np.zeros((0, self.views.n_views, 10), np.float32)
+            stacked = np.stack(rows) if rows else np.zeros((0, self.views.n_views, N_PARAMS), np.float32)
             params = [np.ascontiguousarray(stacked[:, v]) for v in range(self.views.n_views)]
         else:
             rois = [eval_roi(info.height, info.width, self.eval_cfg) for info in infos]

@@ -23,7 +23,7 @@ from .assemble import BatchAssembler, PreparedBatch
 from .config import EvalConfig, ViewsConfig
 from .dali_graph import build_decode_check, build_pipeline
 from .imageio import pgm_bytes
-from .planning import BatchSpec
+from .planning import BRIGHTNESS, CONTRAST, N_PARAMS, SIGMA, WINDOW, X1, Y1, BatchSpec
 
 log = logging.getLogger("dinocxr_fast.data")
 
@@ -62,9 +62,17 @@ class _Feed:
         pb = self.assembler.prepare(next(self.stream))
         self.pending.append(pb)
         if not len(pb):
-            ph = np.array([[0, 0, 1, 1]], np.float32)
-            return ([_PLACEHOLDER], *([ph] * self.n_params))
+            return ([_PLACEHOLDER], *(_placeholder_params(p.shape[1]) for p in pb.params))
         return ([np.frombuffer(d, np.uint8) for d in pb.data], *pb.params)
+
+
+def _placeholder_params(width: int) -> np.ndarray:
+    """One row for the 1 x 1 placeholder: the whole pixel, every operation an identity."""
+    row = np.zeros((1, width), np.float32)
+    row[0, [Y1, X1]] = 1.0  # eval ROI rows (y0, x0, y1, x1) share the first four columns
+    if width == N_PARAMS:
+        row[0, [BRIGHTNESS, CONTRAST, SIGMA, WINDOW]] = 1.0
+    return row
 
 
 def _error_summary(err: Exception) -> str:
