@@ -221,6 +221,9 @@ class PretrainJob(TrainingJob):
             lines.append(f"- continue this run: `python -m dinocxr_fast.train pretrain --out {self.run_dir} --resume auto`")
         lines.append(f"- export the teacher backbone: `python -m dinocxr_fast.train pretrain --out {self.run_dir} "
                      "--resume auto --save-backbone`")
+        lines.append(f"- linear evaluation of the teacher backbone: `python -m dinocxr_fast.train linear --pretrained "
+                     f"{self.run_dir} --data LABELLED_ROOT` (train/ and val/ class folders)")
+        lines.append(f"- fine-tuning: `python -m dinocxr_fast.train finetune --pretrained {self.run_dir} --data LABELLED_ROOT`")
         lines.append("- pretrain on real X-rays: `python -m dinocxr_fast.train pretrain --data PATH --preset dino_cxr_vitaev2_s`")
         return lines
 

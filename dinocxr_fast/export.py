@@ -1,0 +1,253 @@
+"""``python -m dinocxr_fast.export --checkpoint CLASSIFIER --out model.onnx [--trt model.plan]``
+
+ONNX export of a classifier (or its backbone features) with a dynamic batch, traced through the
+reference (plain PyTorch) definitions of the fused ops so the graph holds standard ONNX nodes
+only; then, optionally, a TensorRT engine built from that graph with the TensorRT Python API.
+
+Metadata (input size, normalisation, class names, the source checkpoint's SHA-256) is written
+beside each artefact as ``<name>.json``; ``infer`` reads it.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+STANDARD_DOMAINS = ("", "ai.onnx")
+
+
+@contextlib.contextmanager
+def reference_ops() -> Iterator[None]:
+    """Route every fused op to its plain-PyTorch backend while tracing (DESIGN.md: export traces
+    the reference path), then restore the previous choice."""
+    from dinocxr_fast.ops import _backend  # noqa: PLC0415
+
+    previous = os.environ.get(_backend.ENV_VAR)
+    os.environ[_backend.ENV_VAR] = "torch"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(_backend.ENV_VAR, None)
+        else:
+            os.environ[_backend.ENV_VAR] = previous
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def metadata_for(record: dict, checkpoint: Path, *, features_only: bool, precision: str = "fp32") -> dict:
+    e = record["eval"]
+    return {
+        "input": {"channels": int(record["model"]["in_chans"]), "size": int(e["crop"]), "resize": int(e["resize"]),
+                  "mean": float(e["mean"]), "std": float(e["std"]), "interpolation": e.get("interpolation", "bicubic")},
+        "output": "features" if features_only else "logits",
+        "classes": list(record["classes"]),
+        "arch": record["model"]["arch"],
+        "source_checkpoint": str(checkpoint),
+        "source_sha256": sha256_of(checkpoint),
+        "precision": precision,
+    }
+
+
+def write_metadata(artefact: Path, meta: dict) -> Path:
+    path = artefact.with_suffix(artefact.suffix + ".json")
+    path.write_text(json.dumps(meta, indent=2) + "\n")
+    return path
+
+
+def read_metadata(artefact: Path) -> dict:
+    path = Path(artefact).with_suffix(Path(artefact).suffix + ".json")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: export writes it beside {artefact}")
+    return json.loads(path.read_text())
+
+
+class _Features(torch.nn.Module):
+    def __init__(self, classifier):
+        super().__init__()
+        self.backbone = classifier.backbone
+
+    def forward(self, x):
+        return self.backbone(x)
+
+
+def export_onnx(checkpoint: str | Path, out: str | Path, *, features_only: bool = False, opset: int = 17) -> Path:
+    import onnx  # noqa: PLC0415
+
+    from dinocxr_fast.classifier import load_classifier  # noqa: PLC0415
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    if checkpoint.is_dir():
+        checkpoint = checkpoint / "classifier.pt"
+    model, record = load_classifier(checkpoint, "cpu")
+    module = _Features(model).eval() if features_only else model.eval()
+    size = int(record["eval"]["crop"])
+    dummy = torch.zeros(2, int(record["model"]["in_chans"]), size, size)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    output_name = "features" if features_only else "logits"
+    with reference_ops(), torch.no_grad():
+        torch.onnx.export(module, (dummy,), str(out), input_names=["images"], output_names=[output_name],
+                          dynamic_axes={"images": {0: "batch"}, output_name: {0: "batch"}}, opset_version=opset,
+                          dynamo=False, do_constant_folding=True)
+    graph = onnx.load(str(out))
+    onnx.checker.check_model(graph)
+    custom = sorted({n.op_type for n in graph.graph.node if n.domain not in STANDARD_DOMAINS})
+    if custom:
+        raise RuntimeError(f"exported graph {out} holds non-standard nodes {custom}; export must trace the reference ops")
+    write_metadata(out, metadata_for(record, checkpoint, features_only=features_only))
+    return out
+
+
+# ---- TensorRT ----------------------------------------------------------------------------------
+# Plain fp16 builds are known to lose ViT accuracy in LayerNorm, softmax and reductions: those
+# layers are pinned to fp32 (with OBEY_PRECISION_CONSTRAINTS) while matmuls and convs run in fp16.
+FP32_LAYER_TYPES = ("NORMALIZATION", "SOFTMAX", "REDUCE")
+
+
+def tensorrt_available() -> str | None:
+    """None when TensorRT can build here, else the reason it cannot."""
+    try:
+        import tensorrt  # noqa: F401, PLC0415
+    except ImportError:
+        return "tensorrt is not installed (pip install tensorrt)"
+    if not torch.cuda.is_available():
+        return "TensorRT needs a CUDA GPU"
+    return None
+
+
+def build_tensorrt(onnx_path: str | Path, plan_path: str | Path, *, precision: str = "fp16", max_batch: int = 64,
+                   opt_batch: int = 16, timing_cache: str | Path | None = None, calibration_images=None,
+                   workspace_gb: float = 4.0) -> Path:
+    import tensorrt as trt  # noqa: PLC0415
+
+    reason = tensorrt_available()
+    if reason:
+        raise RuntimeError(reason)
+    onnx_path, plan_path = Path(onnx_path), Path(plan_path)
+    meta = read_metadata(onnx_path)
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx_path.read_bytes()):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    c, s = meta["input"]["channels"], meta["input"]["size"]
+    profile = builder.create_optimization_profile()
+    profile.set_shape("images", (1, c, s, s), (opt_batch, c, s, s), (max_batch, c, s, s))
+    config.add_optimization_profile(profile)
+    if precision in ("fp16", "int8"):
+        config.set_flag(trt.BuilderFlag.FP16)
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+        keep = {getattr(trt.LayerType, name) for name in FP32_LAYER_TYPES if hasattr(trt.LayerType, name)}
+        for i in range(network.num_layers):
+            layer = network.get_layer(i)
+            if layer.type in keep:
+                layer.precision = trt.float32
+                for j in range(layer.num_outputs):
+                    layer.set_output_type(j, trt.float32)
+    if precision == "int8":
+        if calibration_images is None:
+            raise ValueError("INT8 needs calibration images (--calibration DIR)")
+        config.set_flag(trt.BuilderFlag.INT8)
+        config.int8_calibrator = _EntropyCalibrator(calibration_images, plan_path.with_suffix(".calib"))
+        config.set_calibration_profile(profile)
+    cache = None
+    if timing_cache is not None:
+        timing_cache = Path(timing_cache)
+        blob = timing_cache.read_bytes() if timing_cache.is_file() else b""
+        cache = config.create_timing_cache(blob)
+        config.set_timing_cache(cache, ignore_mismatch=False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path}")
+    plan_path.parent.mkdir(parents=True, exist_ok=True)
+    plan_path.write_bytes(bytes(serialized))
+    if cache is not None:
+        timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
+    write_metadata(plan_path, {**meta, "precision": precision, "max_batch": max_batch,
+                               "onnx_sha256": sha256_of(onnx_path)})
+    return plan_path
+
+
+def _EntropyCalibrator(images, cache_path: Path):  # noqa: N802 - a class factory: tensorrt is optional
+    import tensorrt as trt  # noqa: PLC0415
+
+    class Calibrator(trt.IInt8EntropyCalibrator2):
+        """Feeds preprocessed image batches (a float tensor [N, C, S, S]) in chunks of 16."""
+
+        def __init__(self):
+            super().__init__()
+            self.batches = list(torch.as_tensor(images).float().split(16))
+            self.index = 0
+            self.device_buffer = None
+
+        def get_batch_size(self):
+            return int(self.batches[0].shape[0]) if self.batches else 1
+
+        def get_batch(self, names):
+            if self.index >= len(self.batches):
+                return None
+            self.device_buffer = self.batches[self.index].cuda().contiguous()
+            self.index += 1
+            return [int(self.device_buffer.data_ptr())]
+
+        def read_calibration_cache(self):
+            return cache_path.read_bytes() if cache_path.is_file() else None
+
+        def write_calibration_cache(self, cache):
+            cache_path.write_bytes(bytes(cache))
+
+    return Calibrator()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dinocxr_fast.export", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="classifier.pt (from train finetune / linear) or its run folder")
+    parser.add_argument("--out", required=True, help="ONNX file to write")
+    parser.add_argument("--features", action="store_true", help="export the backbone features instead of the logits")
+    parser.add_argument("--opset", type=int, default=17)
+    parser.add_argument("--trt", help="also build a TensorRT engine here (needs a GPU and tensorrt)")
+    parser.add_argument("--precision", default="fp16", choices=("fp32", "fp16", "int8"))
+    parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument("--timing-cache", help="TensorRT timing cache file, reused across builds")
+    parser.add_argument("--calibration", help="INT8: a folder of images for calibration")
+    args = parser.parse_args(argv)
+    try:
+        onnx_path = export_onnx(args.checkpoint, args.out, features_only=args.features, opset=args.opset)
+        print(f"wrote {onnx_path} and {onnx_path}.json (onnx.checker passed; standard nodes only)")
+        if args.trt:
+            calib = None
+            if args.precision == "int8":
+                if not args.calibration:
+                    raise ValueError("--precision int8 needs --calibration DIR")
+                from dinocxr_fast.infer import load_images_for_model  # noqa: PLC0415
+
+                calib, _ = load_images_for_model(args.calibration, read_metadata(onnx_path))
+            plan = build_tensorrt(onnx_path, args.trt, precision=args.precision, max_batch=args.max_batch,
+                                  timing_cache=args.timing_cache or Path(args.trt).with_suffix(".timing-cache"),
+                                  calibration_images=calib)
+            print(f"wrote {plan} ({args.precision}, batch 1..{args.max_batch})")
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
