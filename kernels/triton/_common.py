@@ -27,3 +27,16 @@ def dot_precision(dtype: torch.dtype) -> str:
 def head_dim_block(head_dim: int) -> int:
     """Head dim padded to a power of two, at least 16 (tl.dot's minimum K on tensor cores)."""
     return max(16, triton.next_power_of_2(head_dim))
+
+
+CONFIG_ENV = "DINOCXR_TRITON_CONFIG"
+
+
+def prune_configs(configs, named_args, **kwargs):
+    """early_config_prune for every triton.autotune here. ``DINOCXR_TRITON_CONFIG=<i>`` pins the
+    i-th config (mod the list's length): GPU tests use it to skip tuning and to check each config
+    in turn. Otherwise the autotuner times them all on the first call of each tuning key."""
+    pinned = os.environ.get(CONFIG_ENV)
+    if pinned not in (None, ""):
+        return [configs[int(pinned) % len(configs)]]
+    return configs

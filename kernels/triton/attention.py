@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, dot_precision, head_dim_block, interpreting
+from ._common import LOG2E, dot_precision, head_dim_block, interpreting, prune_configs
 
 MAX_HEAD_DIM = 128
 
@@ -32,12 +32,21 @@ def _configs(pairs):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
 
 
-# H100 tiles: the forward keeps a BLOCK_M x HD accumulator and streams K/V blocks; the backward
-# kernels hold two fp32 accumulators of their own block, so they take smaller tiles.
-_FWD_CONFIGS = _configs([(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3),
-                         (64, 32, 4, 2)])
-_BWD_KV_CONFIGS = _configs([(32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2), (16, 64, 4, 2)])
-_BWD_Q_CONFIGS = _configs([(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2), (64, 16, 4, 2)])
+# H100 tiles: the forward keeps a BLOCK_M x HD accumulator and streams K/V blocks (N = 49 fits one
+# 64-key block, N = 196 four); the backward kernels hold two fp32 accumulators of their own block,
+# so they take smaller tiles. Few configs: each is compiled on the first call.
+_FWD_CONFIGS = _configs([(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (128, 128, 8, 2)])
+_BWD_KV_CONFIGS = _configs([(32, 64, 4, 2), (64, 64, 4, 2), (64, 128, 8, 2)])
+_BWD_Q_CONFIGS = _configs([(64, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2)])
+
+
+def _autotune(configs):
+    # tuned per sequence length and head dim; N itself is not specialised on (no recompile per N)
+    return triton.autotune(configs=configs, key=["N", "HEAD_DIM"],
+                           prune_configs_by={"early_config_prune": prune_configs})
+
+
+_NOT_SPECIALISED = ["N", "heads"]
 
 
 @triton.jit
@@ -45,8 +54,8 @@ def _tile_ptrs(base, rows, col, s_n):
     return base + rows.to(tl.int64)[:, None] * s_n + col[None, :]
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["N", "HEAD_DIM"])
-@triton.jit
+@_autotune(_FWD_CONFIGS)
+@triton.jit(do_not_specialize=_NOT_SPECIALISED)
 def _attn_fwd_kernel(
     qkv_ptr, out_ptr, lse_ptr,
     s_qb, s_qn, s_ob, s_on,
@@ -92,7 +101,7 @@ def _attn_fwd_kernel(
     tl.store(lse_ptr + bh.to(tl.int64) * N + rows, m_i + tl.log2(l_i), mask=rmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NOT_SPECIALISED)
 def _attn_bwd_delta_kernel(
     out_ptr, dout_ptr, delta_ptr, s_ob, s_on, s_db, s_dn, N, heads,
     HEAD_DIM: tl.constexpr, HD_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -113,8 +122,8 @@ def _attn_bwd_delta_kernel(
     tl.store(delta_ptr + bh.to(tl.int64) * N + rows, delta, mask=rmask)
 
 
-@triton.autotune(configs=_BWD_KV_CONFIGS, key=["N", "HEAD_DIM"])
-@triton.jit
+@_autotune(_BWD_KV_CONFIGS)
+@triton.jit(do_not_specialize=_NOT_SPECIALISED)
 def _attn_bwd_dkdv_kernel(
     qkv_ptr, dout_ptr, lse_ptr, delta_ptr, dqkv_ptr,
     s_qb, s_qn, s_db, s_dn,
@@ -163,8 +172,8 @@ def _attn_bwd_dkdv_kernel(
     tl.store(_tile_ptrs(dbase_qkv, keys, 2 * C + col, s_qn), dv.to(out_ty), mask=kv_mask)
 
 
-@triton.autotune(configs=_BWD_Q_CONFIGS, key=["N", "HEAD_DIM"])
-@triton.jit
+@_autotune(_BWD_Q_CONFIGS)
+@triton.jit(do_not_specialize=_NOT_SPECIALISED)
 def _attn_bwd_dq_kernel(
     qkv_ptr, dout_ptr, lse_ptr, delta_ptr, dqkv_ptr,
     s_qb, s_qn, s_db, s_dn,
@@ -224,8 +233,8 @@ def _meta(qkv: torch.Tensor, num_heads: int) -> dict:
 
 
 def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """B x N x 3C  -> (B x N x C output, fp32 [B * heads, N] base-2 log-sum-exp)."""
-    qkv = qkv.contiguous()  # dqkv is allocated contiguous and shares these strides
+    """B x N x 3C -> (B x N x C output, fp32 [B * heads, N] base-2 log-sum-exp)."""
+    qkv = qkv.contiguous()
     batch, n, c3 = qkv.shape
     c = c3 // 3
     out = qkv.new_empty(batch, n, c)

@@ -25,15 +25,10 @@ hi + lo pair, since Triton passes Python floats as fp32).
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
 
 @triton.jit
 def _acc(x, IS_F64: tl.constexpr):
@@ -53,7 +48,7 @@ def _scalar(hi, lo, IS_F64: tl.constexpr):
 
 
 # ---- 1. teacher: partial softmax statistics per column block, and the column sums ----------------
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _teacher_kernel(
     teacher_ptr, center_ptr, pmax_ptr, psum_ptr, tsum_ptr,
     n_rows, K, inv_tt_hi, inv_tt_lo,
@@ -113,7 +108,8 @@ def _targets(teacher_ptr, center_ptr, cols, cmask, b, B, K, n_global, inv_tt, tm
     g = tl.arange(0, NG_PAD)
     mask = (g < n_global)[:, None] & cmask[None, :]
     rows = (g * B + b).to(tl.int64)
-    t = _acc(tl.load(teacher_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0), IS_F64)
+    # -inf where masked: exp() gives 0 there instead of overflowing
+    t = _acc(tl.load(teacher_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=float("-inf")), IS_F64)
     c = _acc(tl.load(center_ptr + cols, mask=cmask, other=0.0), IS_F64)
     q = tl.exp((t - c[None, :]) * inv_tt - tmax[:, None]) * tscale[:, None]
     return tl.sum(tl.where(mask, q, 0.0), axis=0)
@@ -144,7 +140,7 @@ def _student_stats(student_ptr, teacher_ptr, center_ptr, srow, b, lo, hi, B, K, 
         # the first block has m = -inf: no rescale of the (still empty) sums
         shift = tl.where(m == float("-inf"), 0.0, m - m_new)
         s = s * tl.exp(shift) + tl.sum(tl.exp(x - m_new), axis=0)
-        d = d + w * shift + tl.sum(tl.where(cmask, target * (x - m_new), 0.0), axis=0)
+        d = d + w * shift + tl.sum(target * tl.where(cmask, x - m_new, 0.0), axis=0)
         w += tl.sum(target, axis=0)
         m = m_new
     return m, s, w, d, probe
@@ -159,14 +155,16 @@ def _student_grad(student_ptr, teacher_ptr, center_ptr, grad_ptr, srow, b, lo, h
     for k0 in range(lo, hi, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         cmask = cols < hi
-        x = _acc(tl.load(student_ptr + base + cols, mask=cmask, other=0.0), IS_F64) * inv_ts
+        # -inf past the end: exp() of it is 0 (nothing is stored there anyway)
+        x = _acc(tl.load(student_ptr + base + cols, mask=cmask, other=float("-inf")), IS_F64) * inv_ts
         target = _targets(teacher_ptr, center_ptr, cols, cmask, b, B, K, n_global, inv_tt, tmax, tscale,
                           NG_PAD, IS_F64)
         g = grad_scale * (w * tl.exp(x - m) * inv_s - target)
         tl.store(grad_ptr + base + cols, g.to(grad_ptr.dtype.element_ty), mask=cmask)
 
 
-@triton.jit
+# B, n_crops, n_global are not specialised on (no recompile per batch); K is, for 16-byte row loads.
+@triton.jit(do_not_specialize=["B", "n_crops", "n_global"])
 def _student_kernel(
     student_ptr, teacher_ptr, center_ptr, pmax_ptr, psum_ptr, grad_ptr, row_loss_ptr, part_ptr,
     B, K, n_crops, n_global, NB, chunk,
@@ -205,7 +203,7 @@ def _student_kernel(
         tl.store(out + 4, probe)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "n_crops", "n_global", "n_split"])
 def _student_grad_kernel(
     student_ptr, teacher_ptr, center_ptr, pmax_ptr, psum_ptr, grad_ptr, row_loss_ptr, part_ptr,
     B, K, n_crops, n_global, NB, chunk, n_split,

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, dot_precision, head_dim_block, interpreting
+from ._common import LOG2E, dot_precision, head_dim_block, interpreting, prune_configs
 
 # BLOCK_T holds one window; 11 x 11 = 121 tokens is the largest window that fits 128 rows.
 MAX_WINDOW_TOKENS = 128
@@ -31,14 +31,19 @@ MAX_HEAD_DIM = 128
 
 
 def _configs():
+    """Windows per program x warps (x pipeline stages, which prefetch the next window's tiles).
+    Head dim 128 needs 8 warps in the backward to stay out of local memory (tests/triton/sm90_compile.py)."""
     if interpreting():
         return [triton.Config({"WPP": 2}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"WPP": wpp}, num_warps=warps, num_stages=stages)
-        for wpp in (1, 2, 4)
-        for warps in (4, 8)
-        for stages in (1, 2)
-    ]
+    return [triton.Config({"WPP": wpp}, num_warps=warps, num_stages=stages)
+            for wpp, warps, stages in ((1, 4, 1), (2, 4, 2), (4, 4, 2), (1, 8, 1), (2, 8, 2), (4, 8, 2))]
+
+
+# Tuned per head dim and problem size; the grid geometry is not specialised on (every batch size
+# or grid would otherwise compile its own kernels), the strides are (16-element alignment).
+_AUTOTUNE = dict(configs=_configs(), key=["n_windows", "HEAD_DIM", "C"],
+                 prune_configs_by={"early_config_prune": prune_configs})
+_GEOMETRY = ["n_windows", "n_wh", "n_ww", "H", "W", "top", "left"]
 
 
 @triton.jit
@@ -92,8 +97,8 @@ def _window_probs(q, k, valid, qk_scale, DOT_PREC: tl.constexpr):
     return p / tl.where(l == 0.0, 1.0, l)[:, None]
 
 
-@triton.autotune(configs=_configs(), key=["n_windows", "HEAD_DIM", "C"])
-@triton.jit
+@triton.autotune(**_AUTOTUNE)
+@triton.jit(do_not_specialize=_GEOMETRY)
 def _window_fwd_kernel(
     qkv_ptr, pad_ptr, out_ptr,
     s_qb, s_qh, s_qw, s_ob, s_oh, s_ow,
@@ -124,8 +129,8 @@ def _window_fwd_kernel(
                  mask=inside[:, None] & dmask[None, :])
 
 
-@triton.autotune(configs=_configs(), key=["n_windows", "HEAD_DIM", "C"])
-@triton.jit
+@triton.autotune(**_AUTOTUNE)
+@triton.jit(do_not_specialize=_GEOMETRY)
 def _window_bwd_kernel(
     qkv_ptr, pad_ptr, dout_ptr, dqkv_ptr, dpad_ptr,
     s_qb, s_qh, s_qw, s_ob, s_oh, s_ow,
@@ -223,8 +228,8 @@ class _Problem:
 
 def window_attention_fwd(qkv: torch.Tensor, pad_value: torch.Tensor | None, num_heads: int, window_size: int,
                          scale: float) -> torch.Tensor:
-    """B x H x W x 3C  -> B x H x W x C, same dtype."""
-    qkv = qkv.contiguous()  # dqkv is allocated contiguous and shares these strides
+    """B x H x W x 3C -> B x H x W x C, same dtype."""
+    qkv = qkv.contiguous()
     p = _Problem(qkv, num_heads, window_size)
     out = qkv.new_empty(p.batch, p.h, p.w, p.c)
     use_pad = pad_value is not None and p.has_pad
@@ -246,8 +251,8 @@ def window_attention_bwd(grad_out: torch.Tensor, qkv: torch.Tensor, pad_value: t
     p = _Problem(qkv, num_heads, window_size)
     dqkv = torch.empty_like(qkv)
     use_pad = pad_value is not None and p.has_pad
-    # one partial per program: allocate for the most programs any config launches (WPP = 1)
-    dpad_partial = qkv.new_zeros((p.n_windows, 2, p.c) if use_pad else (0,), dtype=torch.float32)
+    # one partial per program, each written in full: room for the most programs a config launches (WPP = 1)
+    dpad_partial = qkv.new_empty((p.n_windows, 2, p.c) if use_pad else (0,), dtype=torch.float32)
     grid_used = {}
 
     def grid(meta):

@@ -105,10 +105,12 @@ def _dino(kernel, dtype, fused=True):
         SPLIT_PAD=8, **common)
 
 
-def specs(full: bool):
+def specs(full: bool, dtypes=None):
     """(label, kernel, args, constexprs) for each problem; autotuned kernels expand per config."""
     attn_dtypes = (BF16, F16, F32) if full else (BF16, F32)
     head_dims = (32, 64, 128) if full else (64,)
+    if dtypes:
+        attn_dtypes = [d for d in attn_dtypes if str(d).removeprefix("torch.") in dtypes]
     for dtype in attn_dtypes:
         for hd in head_dims:
             for bwd in (False, True):
@@ -116,7 +118,8 @@ def specs(full: bool):
             for kernel in (A._attn_fwd_kernel, A._attn_bwd_dkdv_kernel, A._attn_bwd_dq_kernel):
                 yield (kernel.fn.__name__.strip("_"), dtype, hd, *_full(kernel, dtype, hd))
             yield ("attn_bwd_delta", dtype, hd, *_delta(dtype, hd))
-    for dtype in ((BF16, F16, F32, F64) if full else (BF16,)):
+    for dtype in [d for d in ((BF16, F16, F32, F64) if full else (BF16,))
+                  if not dtypes or str(d).removeprefix("torch.") in dtypes]:
         yield ("dino_teacher", dtype, None, *_dino(D._teacher_kernel, dtype))
         yield ("dino_student_fused", dtype, None, *_dino(D._student_kernel, dtype, True))
         yield ("dino_student_split", dtype, None, *_dino(D._student_kernel, dtype, False))
@@ -136,9 +139,9 @@ def ptxas_usage(ptx: str) -> tuple[int, int]:
     return int(regs.group(1)) if regs else -1, int(spills.group(1)) if spills else 0
 
 
-def compile_all(full: bool) -> list[dict]:
+def compile_all(full: bool, dtypes=None) -> list[dict]:
     rows = []
-    for label, dtype, hd, kernel, args, meta in specs(full):
+    for label, dtype, hd, kernel, args, meta in specs(full, dtypes):
         if isinstance(kernel, triton.runtime.Autotuner):
             configs = kernel.configs if full else kernel.configs[:1]
             variants = [(cfg.all_kwargs(), kernel.fn) for cfg in configs]
@@ -176,9 +179,10 @@ def compile_all(full: bool) -> list[dict]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--all", action="store_true", help="every autotune config, dtype and head dim")
+    parser.add_argument("--dtypes", nargs="+", metavar="NAME", help="only these dtypes (bfloat16 float16 float32 ...)")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args()
-    rows = compile_all(args.all)
+    rows = compile_all(args.all, args.dtypes)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
     failed = [r for r in rows if r["error"]]

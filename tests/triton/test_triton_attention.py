@@ -164,22 +164,24 @@ def assert_as_accurate_as_sdpa(got, want, peer, names, dtype):
         assert err <= max(2 * peer_err, floor * scale), f"{name}: {err:.3g} vs SDPA {peer_err:.3g} (scale {scale:.3g})"
 
 
-GPU_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
 
 
+# Every case compiles kernels on a fresh machine (about a second each): bf16, the training dtype,
+# takes the model's shapes; fp16 and fp32 one padded / odd case each.
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", GPU_DTYPES)
-@pytest.mark.parametrize("batch,hw,heads,head_dim,pad", [
-    (4, (56, 56), 1, 64, True),   # ViTAEv2-S stage 1 at 224 px
-    (4, (28, 28), 2, 64, True),   # stage 2
-    (4, (28, 28), 1, 128, True),  # stage-2 reduction cell: head dim 128
-    (3, (24, 24), 2, 64, True),   # 96-px views: 24 x 24 padded to 28 x 28
-    (2, (8, 8), 1, 64, True),
-    (2, (9, 12), 2, 32, False),
-    (1, (7, 7), 3, 48, True),
+@pytest.mark.parametrize("dtype,batch,hw,heads,head_dim,pad_dtype", [
+    (BF16, 4, (56, 56), 1, 64, F32),   # ViTAEv2-S stage 1 at 224 px (the fp32 qkv bias pads, as under autocast)
+    (BF16, 4, (28, 28), 2, 64, F32),   # stage 2
+    (BF16, 4, (28, 28), 1, 128, F32),  # stage-2 reduction cell: head dim 128
+    (BF16, 3, (24, 24), 2, 64, F32),   # 96-px views: 24 x 24 padded to 28 x 28
+    (BF16, 1, (7, 7), 3, 48, None),
+    (F16, 3, (24, 24), 2, 64, F16),
+    (F32, 2, (9, 12), 2, 32, F32),
 ])
-def test_gpu_window_matches_reference(dtype, batch, hw, heads, head_dim, pad):
-    qkv, pad_value, grad_out = window_case(batch, hw, heads, head_dim, dtype, pad, device="cuda")
+def test_gpu_window_matches_reference(dtype, batch, hw, heads, head_dim, pad_dtype):
+    qkv, pad_value, grad_out = window_case(batch, hw, heads, head_dim, dtype, pad_dtype is not None, device="cuda",
+                                           pad_dtype=pad_dtype)
     got = run_window(qkv, pad_value, grad_out, heads, 7, "triton")
     peer = run_window(qkv, pad_value, grad_out, heads, 7, "torch")
     want = reference_window(qkv, pad_value, grad_out, heads, 7)
@@ -187,14 +189,14 @@ def test_gpu_window_matches_reference(dtype, batch, hw, heads, head_dim, pad):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", GPU_DTYPES)
-@pytest.mark.parametrize("batch,n,heads,head_dim", [
-    (8, 196, 4, 64),    # stage 3 at 224 px
-    (8, 49, 8, 64),     # stage 4
-    (8, 196, 2, 128),   # stage-3 reduction cell
-    (2, 3136, 1, 64),   # 56 x 56 tokens, full attention at high resolution
-    (3, 197, 3, 32),
-    (2, 1, 1, 64),
+@pytest.mark.parametrize("dtype,batch,n,heads,head_dim", [
+    (BF16, 8, 196, 4, 64),    # stage 3 at 224 px
+    (BF16, 8, 49, 8, 64),     # stage 4
+    (BF16, 8, 196, 2, 128),   # stage-3 reduction cell
+    (BF16, 2, 3136, 1, 64),   # 56 x 56 tokens, full attention at high resolution
+    (BF16, 2, 1, 1, 64),
+    (F16, 3, 197, 4, 64),
+    (F32, 3, 197, 3, 32),
 ])
 def test_gpu_full_matches_reference(dtype, batch, n, heads, head_dim):
     qkv = _randn(batch, n, 3 * heads * head_dim, seed=0, device="cuda").to(dtype)
@@ -203,6 +205,36 @@ def test_gpu_full_matches_reference(dtype, batch, n, heads, head_dim):
     peer = run_full(qkv, grad_out, heads, "torch")
     want = reference_full(qkv, grad_out, heads)
     assert_as_accurate_as_sdpa(got, want, peer, ["out", "d qkv"], dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gpu_every_autotune_config_is_correct(monkeypatch, head_dim):
+    """The other GPU tests pin config 0 (conftest); here each config of each tuned kernel runs."""
+    from dinocxr_fast.kernels.triton import attention as full_kernels
+    from dinocxr_fast.kernels.triton import window_attention as window_kernels
+
+    tuners = [window_kernels._window_fwd_kernel, window_kernels._window_bwd_kernel, full_kernels._attn_fwd_kernel,
+              full_kernels._attn_bwd_dkdv_kernel, full_kernels._attn_bwd_dq_kernel]
+    heads = 128 // head_dim
+    window = window_case(3, (24, 24), heads, head_dim, BF16, True, device="cuda", pad_dtype=F32)
+    window_want = reference_window(*window, heads, 7)
+    window_peer = run_window(*window, heads, 7, "torch")
+    qkv = _randn(3, 197, 3 * 128, seed=0, device="cuda").to(BF16)
+    grad_out = _randn(3, 197, 128, seed=2, device="cuda").to(BF16)
+    full_want, full_peer = reference_full(qkv, grad_out, heads), run_full(qkv, grad_out, heads, "torch")
+    try:
+        for i in range(max(len(t.configs) for t in tuners)):
+            monkeypatch.setenv("DINOCXR_TRITON_CONFIG", str(i))
+            for tuner in tuners:
+                tuner.cache.clear()  # the autotuner remembers its pick per key
+            assert_as_accurate_as_sdpa(run_window(*window, heads, 7, "triton"), window_want, window_peer,
+                                       [f"config {i}: out", "d qkv", "d pad_value"], BF16)
+            assert_as_accurate_as_sdpa(run_full(qkv, grad_out, heads, "triton"), full_want, full_peer,
+                                       [f"config {i}: out", "d qkv"], BF16)
+    finally:
+        for tuner in tuners:
+            tuner.cache.clear()
 
 
 @pytest.mark.cuda
