@@ -115,15 +115,10 @@ def supervised_sources(data_cfg: dict) -> tuple[Source, Source, Source, str]:
 def supervised_train_loader(source: Source, data_cfg: dict, batch_size: int, *, channels: int, device, shard_id: int,
                             num_shards: int, seed: int):
     """Augmented crops with labels for fine-tuning: random-resized crop + flip, (images, labels)."""
-    from dinocxr_fast.data import ViewSpec  # noqa: PLC0415
-    from dinocxr_fast.data.loaders import EvalLoader  # noqa: PLC0415
+    from dinocxr_fast.data import ViewSpec, build_train_loader  # noqa: PLC0415
 
-    size = int(data_cfg["image_size"])
-    crop = ViewSpec(size=size, scale=tuple(data_cfg["train_scale"]), flip_p=0.5, jitter_p=0.0, blur_p=0.0,
-                    solarize_p=0.0)
-    views = ViewsConfig(views=(crop,), channels=channels)
-    # EvalLoader's output format, (images, labels), fed by the training-view graph; unreadable
-    # files are dropped from their batch so the labels stay true
-    return EvalLoader(source, views, batch_size, device=device, shard_id=shard_id, num_shards=num_shards, seed=seed,
-                      backend=loader_backend(data_cfg), num_threads=int(data_cfg["num_workers"]), shuffle=True,
-                      drop_last=True, on_bad="drop")
+    crop = ViewSpec(size=int(data_cfg["image_size"]), scale=tuple(data_cfg["train_scale"]), flip_p=0.5, jitter_p=0.0,
+                    blur_p=0.0, solarize_p=0.0)
+    return build_train_loader(source, ViewsConfig(views=(crop,), channels=channels), batch_size, device=device,
+                              shard_id=shard_id, num_shards=num_shards, seed=seed, backend=loader_backend(data_cfg),
+                              num_threads=int(data_cfg["num_workers"]))
