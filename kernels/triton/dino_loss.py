@@ -10,7 +10,8 @@ Three launches, the teacher read once and the student read once from HBM:
    by side and share their teacher rows in L2): merges the teacher partials of the views it pairs
    with, then one online max/sum pass over the row with the target T_v = sum_{i != v} q_i rebuilt
    on the fly (never stored), the loss term, and a second pass over the same row (an L2 hit: the
-   program just read it) that writes the gradient (W_v p - T_v) / (tau_s n_pairs B).
+   program just read it) that writes the gradient (W_v p - T_v) / (tau_s n_pairs B). Column block
+   and warps are autotuned.
    With few rows (DINO-CXR's two views at a small batch) the row is split over several programs
    instead (``_student_kernel`` writes per-chunk partial states, ``_student_grad_kernel`` merges
    them and writes the gradient); the whole student then fits in L2, so the second read is cheap.
@@ -29,6 +30,8 @@ import functools
 import torch
 import triton
 import triton.language as tl
+
+from ._common import interpreting, prune_configs
 
 @triton.jit
 def _acc(x, IS_F64: tl.constexpr):
@@ -163,7 +166,27 @@ def _student_grad(student_ptr, teacher_ptr, center_ptr, grad_ptr, srow, b, lo, h
         tl.store(grad_ptr + base + cols, g.to(grad_ptr.dtype.element_ty), mask=cmask)
 
 
+def _student_configs():
+    """Column block x warps of the student passes (a row is streamed; a program's working set is
+    its row, which the gradient pass reads again from L2)."""
+    if interpreting():
+        return [triton.Config({"BLOCK_K": 128}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_K": bk}, num_warps=w) for bk, w in ((4096, 8), (2048, 8), (2048, 4), (8192, 16))]
+
+
+# split rows are cut into chunks that are whole blocks of every config
+_MAX_BLOCK_K = max(c.kwargs["BLOCK_K"] for c in _student_configs())
+
+
+def _prune_student(configs, named_args, **kwargs):
+    """No block much wider than the row; then DINOCXR_TRITON_CONFIG, as for every tuned kernel."""
+    fits = [c for c in configs if c.kwargs["BLOCK_K"] <= max(2048, triton.next_power_of_2(named_args["K"]))]
+    return prune_configs(fits or configs[:1], named_args, **kwargs)
+
+
 # B, n_crops, n_global are not specialised on (no recompile per batch); K is, for 16-byte row loads.
+@triton.autotune(configs=_student_configs(), key=["K", "B", "n_crops", "FUSED", "NEED_GRAD"],
+                 prune_configs_by={"early_config_prune": _prune_student})
 @triton.jit(do_not_specialize=["B", "n_crops", "n_global"])
 def _student_kernel(
     student_ptr, teacher_ptr, center_ptr, pmax_ptr, psum_ptr, grad_ptr, row_loss_ptr, part_ptr,
@@ -203,6 +226,8 @@ def _student_kernel(
         tl.store(out + 4, probe)
 
 
+@triton.autotune(configs=_student_configs(), key=["K", "B", "n_crops", "n_split", "NEED_GRAD"],
+                 prune_configs_by={"early_config_prune": _prune_student})
 @triton.jit(do_not_specialize=["B", "n_crops", "n_global", "n_split"])
 def _student_grad_kernel(
     student_ptr, teacher_ptr, center_ptr, pmax_ptr, psum_ptr, grad_ptr, row_loss_ptr, part_ptr,
@@ -262,13 +287,10 @@ def _programs_wanted(device: torch.device) -> int:
     return 8
 
 
-def _launch_config(k: int, device: torch.device) -> tuple[int, int, int]:
-    """(teacher column block, student column block, student num_warps)."""
-    if device.type != "cuda":
-        return max(16, min(64, triton.next_power_of_2(k))), max(16, min(128, triton.next_power_of_2(k))), 4
-    # 256 teacher columns per program: K=65536 gives 256 programs over 128 teacher rows; 4096 student
-    # columns per step with 8 warps is 16 elements (two 16-byte loads in bf16) per thread in flight.
-    return max(16, min(256, triton.next_power_of_2(k))), min(4096, max(256, triton.next_power_of_2(k))), 8
+def _teacher_block(k: int, device: torch.device) -> int:
+    """Teacher columns per program: 256 on a GPU (K = 65536 gives 256 programs over the 128 teacher
+    rows of a batch of 64); 64 in the interpreter, so that small test sizes span several blocks."""
+    return max(16, min(256 if device.type == "cuda" else 64, triton.next_power_of_2(k)))
 
 
 def dino_loss_fwd(student, teacher, center, student_temp, teacher_temp, n_global, need_grad, need_sum,
@@ -289,7 +311,7 @@ def dino_loss_fwd(student, teacher, center, student_temp, teacher_temp, n_global
     device = student.device
     n_pairs = n_global * (n_crops - 1)
 
-    tblock, sblock, warps = _launch_config(k, device)
+    tblock = _teacher_block(k, device)
     nb = triton.cdiv(k, tblock)
     pmax = torch.empty(n_rows_t, nb, device=device, dtype=acc)
     psum = torch.empty(n_rows_t, nb, device=device, dtype=acc)
@@ -309,12 +331,12 @@ def dino_loss_fwd(student, teacher, center, student_temp, teacher_temp, n_global
 
     if split is None:
         wanted = _programs_wanted(device)
-        split = 1 if n_rows_s >= wanted // 2 else min(triton.cdiv(wanted, n_rows_s), triton.cdiv(k, sblock))
+        split = 1 if n_rows_s >= wanted // 2 else min(triton.cdiv(wanted, n_rows_s), triton.cdiv(k, _MAX_BLOCK_K))
     # chunks are whole column blocks; recount so that none is empty
-    chunk = triton.cdiv(triton.cdiv(k, max(1, split)), sblock) * sblock
+    chunk = triton.cdiv(triton.cdiv(k, max(1, split)), _MAX_BLOCK_K) * _MAX_BLOCK_K
     split = triton.cdiv(k, chunk)
     common = dict(NEED_GRAD=need_grad, NG_PAD=triton.next_power_of_2(n_global), NB_PAD=triton.next_power_of_2(nb),
-                  BLOCK_K=sblock, IS_F64=is_f64, num_warps=warps)
+                  IS_F64=is_f64)
     grad_arg = grad if need_grad else student  # never written when need_grad is False
     if split == 1:
         _student_kernel[(n_rows_s, 1)](

@@ -96,7 +96,7 @@ def _dino(kernel, dtype, fused=True):
     if kernel is D._teacher_kernel:
         return kernel, (dtype, F32, acc, acc, F32, 128, k, 25.0, 0.0), dict(NEED_SUM=True, ROWS=16, BLOCK_K=256,
                                                                              IS_F64=dtype == F64, num_warps=4)
-    common = dict(NEED_GRAD=True, NG_PAD=2, NB_PAD=nb, BLOCK_K=4096, IS_F64=dtype == F64, num_warps=8)
+    common = dict(NEED_GRAD=True, NG_PAD=2, NB_PAD=nb, IS_F64=dtype == F64)  # BLOCK_K, warps: autotuned
     scalars = (10.0, 0.0, 25.0, 0.0, 0.01, 0.0)
     if kernel is D._student_kernel:
         return kernel, (dtype, dtype, F32, acc, acc, dtype, acc, acc, 64, k, 12, 2, nb, 8192, *scalars), dict(
@@ -149,7 +149,7 @@ def compile_all(full: bool, dtypes=None) -> list[dict]:
             variants = [({}, kernel)]
         for cfg, fn in variants:
             row = dict(kernel=label, dtype=str(dtype).removeprefix("torch."), head_dim=hd,
-                       config={k: v for k, v in cfg.items() if k in ("WPP", "BLOCK_M", "BLOCK_N", "num_warps",
+                       config={k: v for k, v in cfg.items() if k in ("WPP", "BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps",
                                                                       "num_stages")})
             t0 = time.time()
             try:
