@@ -148,9 +148,9 @@ def compile_all(full: bool, dtypes=None) -> list[dict]:
         else:
             variants = [({}, kernel)]
         for cfg, fn in variants:
+            shown = ("WPP", "BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
             row = dict(kernel=label, dtype=str(dtype).removeprefix("torch."), head_dim=hd,
-                       config={k: v for k, v in cfg.items() if k in ("WPP", "BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps",
-                                                                      "num_stages")})
+                       config={k: v for k, v in cfg.items() if k in shown})
             t0 = time.time()
             try:
                 compiled = fn.warmup(*args, grid=(1,), **meta, **cfg)
