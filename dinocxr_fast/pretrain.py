@@ -109,9 +109,17 @@ class PretrainJob(TrainingJob):
     # ---- one step ------------------------------------------------------------------------------
     def train_step(self, views: list[torch.Tensor]) -> dict:
         """Forward teacher (global views) and student (all views), DINO loss, update, EMA."""
+        loss, student_out, teacher_out = self.forward_loss(views)
+        self.backward(loss)
+        grad_norm, momentum = self.update()
+        return {"loss": loss.detach(), "grad_norm": grad_norm, "momentum": momentum,
+                "epoch": (self.step - 1) // self.steps_per_epoch, "teacher_out": teacher_out.detach()}
+
+    # The three phases of a step, separate so benchmarks/bench_train.py can time each one.
+    def forward_loss(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         it = self.step
         epoch = it // self.steps_per_epoch
-        for i, group in enumerate(self.optimizer.param_groups):
+        for group in self.optimizer.param_groups:
             group["lr"] = float(self.schedules["lr"][it])
             if group.get("name") == "decay":
                 group["weight_decay"] = float(self.schedules["weight_decay"][it])
@@ -127,9 +135,16 @@ class PretrainJob(TrainingJob):
         check_every = max(int(self.cfg["train"]["loss_check_every"]), 1)
         if it % check_every == 0 and not math.isfinite(loss.item()):
             raise self._non_finite(views, "the loss is not finite", student_out, teacher_out)
+        return loss, student_out, teacher_out
 
+    def backward(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+
+    def update(self) -> tuple[torch.Tensor, float]:
+        """Clip, optimiser step, EMA of the teacher; advances the step. Returns (grad norm, momentum)."""
+        it = self.step
+        epoch = it // self.steps_per_epoch
         self.scaler.unscale_(self.optimizer)
         grad_norm = dino_build.clip_gradients_per_tensor(self.params, float(self.cfg["optim"]["clip_grad"]))
         dino_build.cancel_last_layer_gradients(self.student, epoch, int(self.cfg["optim"]["freeze_last_layer_epochs"]))
@@ -140,8 +155,7 @@ class PretrainJob(TrainingJob):
         if self.dist.enabled and not self.sync_bn:
             distributed.broadcast_buffers(self.teacher)
         self.step += 1
-        return {"loss": loss.detach(), "grad_norm": grad_norm, "momentum": momentum, "epoch": epoch,
-                "teacher_out": teacher_out.detach()}
+        return grad_norm, momentum
 
     def _non_finite(self, views, what: str, student_out, teacher_out) -> NonFiniteLossError:
         return self.non_finite(what, {"student output": student_out, "teacher output": teacher_out},

@@ -155,18 +155,25 @@ def supervised(command: str, argv: list[str]) -> int:
         run_linear(cfg, out, show_progress=not args.quiet)
         return 0
     from dinocxr_fast.finetune import FinetuneJob  # noqa: PLC0415
-    from dinocxr_fast.runtime import distributed  # noqa: PLC0415
 
     resume = resolve_resume(args.resume, out, "finetune")
-    job = FinetuneJob(cfg, out, resume=resume, show_progress=not args.quiet)
+    return run_job(lambda: FinetuneJob(cfg, out, resume=resume, show_progress=not args.quiet),
+                   f"python -m dinocxr_fast.train finetune --data {args.data} --out {out} --resume auto")
+
+
+def run_job(make_job, resume_command: str) -> int:
+    """Run a TrainingJob to its end; on a signal, say how to resume."""
+    from dinocxr_fast.runtime import distributed  # noqa: PLC0415
+
+    job = make_job()
     try:
         stop = job.run()
     finally:
         job.close()
         distributed.shutdown()
     if stop.kind == "signal":
-        print(f"stopped by {stop.detail} at step {job.step}; checkpoint saved. Resume with: "
-              f"python -m dinocxr_fast.train finetune --data {args.data} --out {out} --resume auto", file=sys.stderr)
+        print(f"stopped by {stop.detail} at step {job.step}; checkpoint saved. Resume with: {resume_command}",
+              file=sys.stderr)
     return 0
 
 
@@ -176,8 +183,10 @@ def pretrain(argv: list[str]) -> int:
     cfg = load_config(args.preset, flag_overrides(args), args.set)
 
     from dinocxr_fast.pretrain import PretrainJob  # noqa: PLC0415 - keep --help fast
+    from dinocxr_fast.runtime import data as data_setup  # noqa: PLC0415
     from dinocxr_fast.runtime import distributed  # noqa: PLC0415
 
+    distributed.init_from_env(data_setup.device_from(cfg["train"]["device"]).type)  # so ranks agree on --out
     out = Path(args.out) if args.out else None
     resume = resolve_resume(args.resume, out, args.preset)
     if out is None:
@@ -189,16 +198,9 @@ def pretrain(argv: list[str]) -> int:
             out = Path(distributed.broadcast_object(str(out)))
     if resume is None and args.resume:
         print(f"--resume {args.resume}: no checkpoint found; starting a fresh run in {out}", file=sys.stderr)
-    job = PretrainJob(cfg, out, resume=resume, save_backbone=args.save_backbone, show_progress=not args.quiet)
-    try:
-        stop = job.run()
-    finally:
-        job.close()
-        distributed.shutdown()
-    if stop.kind == "signal":
-        print(f"stopped by {stop.detail} at step {job.step}; checkpoint saved. Resume with: "
-              f"python -m dinocxr_fast.train pretrain --out {out} --resume auto", file=sys.stderr)
-    return 0
+    return run_job(lambda: PretrainJob(cfg, out, resume=resume, save_backbone=args.save_backbone,
+                                       show_progress=not args.quiet),
+                   f"python -m dinocxr_fast.train pretrain --out {out} --resume auto")
 
 
 def main(argv: list[str] | None = None) -> int:
