@@ -40,10 +40,18 @@ _BWD_KV_CONFIGS = _configs([(32, 64, 4, 2), (64, 64, 4, 2), (64, 128, 8, 2)])
 _BWD_Q_CONFIGS = _configs([(64, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2)])
 
 
+def _prune_for_length(configs, named_args, **kwargs):
+    """No tile much longer than the sequence (N = 49 keeps the 64-row tiles only): fewer configs
+    to compile and time on the first call. Then DINOCXR_TRITON_CONFIG, as for every tuned kernel."""
+    n = triton.next_power_of_2(named_args["N"])
+    fits = [c for c in configs if c.kwargs["BLOCK_M"] <= max(64, n) and c.kwargs["BLOCK_N"] <= max(64, n)]
+    return prune_configs(fits or configs[:1], named_args, **kwargs)
+
+
 def _autotune(configs):
     # tuned per sequence length and head dim; N itself is not specialised on (no recompile per N)
     return triton.autotune(configs=configs, key=["N", "HEAD_DIM"],
-                           prune_configs_by={"early_config_prune": prune_configs})
+                           prune_configs_by={"early_config_prune": _prune_for_length})
 
 
 _NOT_SPECIALISED = ["N", "heads"]

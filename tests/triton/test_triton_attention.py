@@ -178,6 +178,21 @@ def test_auto_takes_triton_on_cuda_only():
         assert table["cuda"][0] == "triton"
 
 
+def test_config_pruning(monkeypatch):
+    """Autotune candidates: tiles no longer than the sequence; DINOCXR_TRITON_CONFIG pins one."""
+    import triton
+
+    from dinocxr_fast.kernels.triton import attention as full_kernels
+
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}) for m, n in ((64, 64), (128, 64), (64, 32), (128, 128))]
+    monkeypatch.delenv("DINOCXR_TRITON_CONFIG", raising=False)
+    short = full_kernels._prune_for_length(configs, {"N": 49})
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in short] == [(64, 64), (64, 32)]
+    assert full_kernels._prune_for_length(configs, {"N": 196}) == configs
+    monkeypatch.setenv("DINOCXR_TRITON_CONFIG", "5")  # taken modulo the candidates
+    assert full_kernels._prune_for_length(configs, {"N": 196}) == [configs[1]]
+
+
 # ---- GPU (pytest -m cuda) ------------------------------------------------------------------------------
 def _gpu_errors(got, want, peer):
     return [((g.double() - w).abs().max().item(), (p.double() - w).abs().max().item(), w.abs().max().item())
