@@ -197,7 +197,7 @@ def test_gpu_split_paths_agree(split):
 
 
 @pytest.mark.cuda
-def test_gpu_float64_and_gradcheck():
+def test_gpu_float64_matches_reference_to_fp64_precision():
     student, teacher, center = make_inputs(2, 37, 3, dtype=torch.float64, device="cuda", scale=1.0)
     center = center.double()
     loss, grad, _ = kernels().dino_loss_fwd(student, teacher, center, TS, TT, 2, True, False)
