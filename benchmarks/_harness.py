@@ -107,6 +107,27 @@ def time_fn(fn: Callable[[], object], device: torch.device | str, repeats: int |
     return time_cpu(fn, repeats or 7)
 
 
+def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device | str, repeats: int = 9) -> dict[str, float]:
+    """Median time of each fn in ms, the fns run round-robin (a, b, c, a, b, c, ...) so that a
+    change of machine load during the measurement hits every contender alike. On CUDA each run is
+    timed with events after an L2 flush, as in time_cuda."""
+    device = torch.device(device)
+    for fn in fns.values():  # warm-up
+        fn()
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(max(repeats, 7)):
+        for name, fn in fns.items():
+            times[name].append(time_cuda(fn, repeats=1, warmup=0) if device.type == "cuda" else time_cpu_once(fn))
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def time_cpu_once(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
 def make_record(name, shape, backend, peer, median_ms, peer_median_ms, device, **extra) -> Record:
     return Record(
         name=name,

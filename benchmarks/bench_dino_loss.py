@@ -51,8 +51,10 @@ def run(args) -> list[H.Record]:
         teacher = torch.randn(2 * batch, k, generator=gen).to(device, dtype)
         center = torch.zeros(k, device=device)
 
+        # forward rows: the loss alone (no gradient); fwd_bwd rows: the loss and its gradient
         def reference(backward: bool):
-            loss = ops.dino_loss_reference(student, teacher, center, STUDENT_TEMP, TEACHER_TEMP)
+            with torch.set_grad_enabled(backward):
+                loss = ops.dino_loss_reference(student, teacher, center, STUDENT_TEMP, TEACHER_TEMP)
             if backward:
                 torch.autograd.grad(loss, student)
 
@@ -61,24 +63,29 @@ def run(args) -> list[H.Record]:
             compiled = torch.compile(ops.dino_loss_reference)
 
             def reference_compiled(backward: bool):
-                loss = compiled(student, teacher, center, STUDENT_TEMP, TEACHER_TEMP)
+                with torch.set_grad_enabled(backward):
+                    loss = compiled(student, teacher, center, STUDENT_TEMP, TEACHER_TEMP)
                 if backward:
                     torch.autograd.grad(loss, student)
 
             peers["torch.compile"] = reference_compiled
 
         for backward in (False, True):
-            peer_ms = {name: H.time_fn(lambda f=f: f(backward), device) for name, f in peers.items()}
-            best_peer = min(peer_ms, key=peer_ms.get)
-            fused_ms = {}
+            contenders = {f"peer:{name}": (lambda f=f: f(backward)) for name, f in peers.items()}
             for backend in fused_backends(device):
                 def fused(backend=backend):
-                    loss = ops.dino_loss(student, teacher, center, student_temp=STUDENT_TEMP,
-                                         teacher_temp=TEACHER_TEMP, backend=backend, check_finite=False)
+                    with torch.set_grad_enabled(backward):
+                        loss = ops.dino_loss(student, teacher, center, student_temp=STUDENT_TEMP,
+                                             teacher_temp=TEACHER_TEMP, backend=backend, check_finite=False)
                     if backward:
                         torch.autograd.grad(loss, student)
 
-                fused_ms[backend] = H.time_fn(fused, device)
+                contenders[backend] = fused
+            # round-robin, so a change of load hits ours and the peer alike
+            times = H.time_interleaved(contenders, device, repeats=9 if device.type == "cpu" else 20)
+            peer_ms = {name.removeprefix("peer:"): t for name, t in times.items() if name.startswith("peer:")}
+            fused_ms = {name: t for name, t in times.items() if not name.startswith("peer:")}
+            best_peer = min(peer_ms, key=peer_ms.get)
             for backend, ms in fused_ms.items():
                 extra = {"eager_ms": round(peer_ms["eager"], 3)}
                 extra.update({f"{b}_ms": round(t, 4) for b, t in fused_ms.items() if b != backend})

@@ -4,6 +4,9 @@
 // checks avx2_available() before calling in here.
 #include <immintrin.h>
 
+#include <cstdint>
+#include <type_traits>
+
 #include "dino_loss_rows.h"
 
 #pragma GCC target("avx2,fma")
@@ -182,6 +185,18 @@ StudentRowOut student_row_avx2(const T* s, const float* target, int64_t k, float
       const int64_t hi = std::min(k, lo + kTile), vend = vec_end(lo, hi);
       const float wp = w * rescale(tile_max[j], run_max, inv_temp) / run_sum;  // W * p = wp * expo
       const __m256 vwp = _mm256_set1_ps(wp);
+      if constexpr (std::is_same_v<T, float>) {
+        // The gradient is written once and not read back here: streaming stores skip the
+        // read-for-ownership of every destination line (a third less memory traffic).
+        if (reinterpret_cast<uintptr_t>(g + lo) % 32 == 0) {
+          for (int64_t i = lo; i < vend; i += 8) {
+            const __m256 d = _mm256_fmsub_ps(vwp, _mm256_loadu_ps(expo + i), _mm256_loadu_ps(target + i));
+            _mm256_stream_ps(g + i, _mm256_mul_ps(vscale, d));
+          }
+          for (int64_t i = vend; i < hi; ++i) store(&g[i], grad_scale * (wp * expo[i] - target[i]));
+          continue;
+        }
+      }
       for (int64_t i = lo; i < vend; i += 8) {
         // grad = scale * (W p - T)
         const __m256 d = _mm256_fmsub_ps(vwp, _mm256_loadu_ps(expo + i), _mm256_loadu_ps(target + i));
@@ -190,6 +205,7 @@ StudentRowOut student_row_avx2(const T* s, const float* target, int64_t k, float
       for (int64_t i = vend; i < hi; ++i) store(&g[i], grad_scale * (wp * expo[i] - target[i]));
     }
   }
+  _mm_sfence();  // order the streaming stores before the caller reads the gradient
   return out;
 }
 
