@@ -111,6 +111,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="DALI threads = DataLoader workers")
     parser.add_argument("--batch", type=int, default=32)
     args = parser.parse_args()
+    from dinocxr_fast.data import dali_available  # noqa: PLC0415
+
+    if not dali_available():  # e.g. the GPU machine, where DALI is not installed
+        print("nvidia-dali is not installed: the DALI vs PIL DataLoader comparison was NOT measured")
+        H.write_json([], args.json)
+        return
+    if not Path(args.data).is_dir():
+        print(f"{args.data} not found: the DALI vs PIL DataLoader comparison was NOT measured")
+        H.write_json([], args.json)
+        return
     records = run(args)
     H.print_table(records, extra_cols=("dali_img_s", "pil_img_s", "dali_cpu_ms_img", "pil_cpu_ms_img"))
     H.write_json(records, args.json)
