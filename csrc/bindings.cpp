@@ -505,6 +505,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bn_backward_apply_cuda", &bn_backward_apply_cuda, "dy = A dz + B y + C, dz = grad * act'(z)",
         py::arg("grad"), py::arg("y"), py::arg("z_scale"), py::arg("z_shift"), py::arg("act"), py::arg("a"),
         py::arg("b"), py::arg("c"), py::arg("inplace"));
+  m.def("force_direct_conv", &dc::set_force_direct, py::arg("direct"),
+        "Testing hook: run every PCM convolution on the direct kernels (no tensor cores)");
   m.def("pcm_fused_info", &pcm_fused_info, "(supported, groups_per_block, smem_bytes, reason) of the fused PCM",
         py::arg("shape"), py::arg("dtype"), py::arg("device"));
   m.def("pcm_fused_cuda", &pcm_fused_cuda, "Whole grouped PCM at inference in one kernel", py::arg("x"),

@@ -57,17 +57,17 @@ class KernelEmulation:
             a = F.silu(a * pro[0].double() + pro[1].double()).to(x.dtype).double()
         pad = 2
         ap = F.pad(a, (0, 0, pad, pad, pad, pad))
-        acc = torch.zeros(b, gh, gw, out_c, dtype=torch.float64)
+        acc = torch.zeros(b, gh, gw, out_c, dtype=torch.float64, device=x.device)
         for t, (dy, dx) in enumerate(zip(plan.tap_dy, plan.tap_dx)):
-            rows = torch.arange(gh) * s_in + dy + pad
-            cols = torch.arange(gw) * s_in + dx + pad
+            rows = torch.arange(gh, device=x.device) * s_in + dy + pad
+            cols = torch.arange(gw, device=x.device) * s_in + dx + pad
             patch = ap[:, rows][:, :, cols].reshape(b, gh, gw, groups, cin_g)
             wt = w[:, t, :].double().reshape(groups, cout_g, cin_g)
             acc += torch.einsum("bhwgc,goc->bhwgo", patch, wt).reshape(b, gh, gw, out_c)
         sc = 1.0 if scale is None else scale.double()
         sh = 0.0 if shift is None else shift.double()
         target = out[:, oy0::s_out, ox0::s_out][:, :gh, :gw]
-        partials = torch.empty(0)
+        partials = torch.empty(0, device=x.device)
         if kind == 2:  # SiLU backward through BatchNorm
             y = aux[:, oy0::s_out, ox0::s_out][:, :gh, :gw].double()
             zz = y * z[0].double() + z[1].double()
@@ -93,8 +93,8 @@ class KernelEmulation:
         w_shape = (dy.shape[-1], x.shape[-1] // groups, 3, 3)
         dw = torch.nn.grad.conv2d_weight(a.permute(0, 3, 1, 2), w_shape, dy.double().permute(0, 3, 1, 2), stride=stride,
                                          padding=1, groups=groups)
-        db = dy.double().sum((0, 1, 2)) if need_bias else torch.empty(0)
-        return dw, db
+        db = dy.double().sum((0, 1, 2)) if need_bias else torch.empty(0, device=dy.device)
+        return dw.float(), db.float()  # the kernels return fp32
 
     def bn_forward_finalize(self, partials, count, ref, gamma, beta, eps, momentum, running_mean, running_var):
         s1, s2 = partials[..., 0].double().sum(0), partials[..., 1].double().sum(0)
@@ -106,14 +106,14 @@ class KernelEmulation:
         unbiased = var * count / (count - 1)
         return torch.stack([mean, invstd, scale, beta.double() - mean * scale,
                             (1 - momentum) * running_mean.double() + momentum * mean,
-                            (1 - momentum) * running_var.double() + momentum * unbiased])
+                            (1 - momentum) * running_var.double() + momentum * unbiased]).float()
 
     def bn_backward_finalize(self, partials, count, gamma, mean, invstd, training):
         sz, sxz = partials[..., 0].double().sum(0), partials[..., 1].double().sum(0)
         a = gamma.double() * invstd.double()
         b = -a * invstd.double() * sxz / count if training else torch.zeros_like(a)
         c = -a * sz / count - b * mean.double() if training else torch.zeros_like(a)
-        return torch.stack([sxz, sz, a, b, c])
+        return torch.stack([sxz, sz, a, b, c]).float()
 
     def affine_act(self, y, scale, shift, act):
         sc = 1.0 if scale is None else scale.double()
@@ -381,6 +381,28 @@ def test_pcm_modules_calls_the_modules_when_they_are_not_a_pcm():
             ConvBNAct(4, 4)]
     x = torch.randn(1, 5, 5, 4)
     torch.testing.assert_close(conv_mod.pcm_modules(x, *mods), mods[2](mods[1](mods[0](x))))
+
+
+def test_custom_ops_pass_opcheck(emulation):
+    """Schema, fake (meta) implementations and autograd registration, as torch.compile needs them."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(16, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(16, dtype=torch.float64, requires_grad=True)
+    g = torch.rand(16, dtype=torch.float64, requires_grad=True)
+    be = torch.randn(16, dtype=torch.float64, requires_grad=True)
+    rm, rv = torch.zeros(16, dtype=torch.float64), torch.ones(16, dtype=torch.float64)
+    for training, act in ((True, 1), (False, 2)):
+        torch.library.opcheck(conv_mod._conv_cuda_op, (x, w, b, g, be, rm, rv, 2, 2, 1e-5, 0.1, training, act, True))
+    torch.library.opcheck(conv_mod._conv_cuda_op, (x, w, None, None, None, None, None, 1, 2, 1e-5, 0.1, False, 0, True))
+    convs, bns = _pcm_params(8, 32, 8, 8, 2)
+    args = [x, convs[0].weight, convs[0].bias, convs[1].weight, convs[1].bias, convs[2].weight, convs[2].bias]
+    for bn in bns:
+        args += [bn.weight, bn.bias, bn.running_mean, bn.running_var]
+    for training, save in (([True, True], True), ([False, True], True), ([False, False], False)):
+        inputs = args if save else [a.detach() for a in args]  # inference: nothing to differentiate
+        torch.library.opcheck(conv_mod._pcm_cuda_op,
+                              tuple(inputs) + ([1, 1, 1], 2, [1e-5, 1e-5], [0.1, 0.1], training, save))
 
 
 def test_pcm_on_cpu_is_the_reference():

@@ -475,7 +475,7 @@ def _eval_stats(gamma, beta, running_mean, running_var, eps) -> torch.Tensor:
     """The [6, C] statistics block of an eval BatchNorm: mean, invstd, scale, shift, running stats."""
     invstd = torch.rsqrt(running_var + eps)
     scale = gamma * invstd
-    return torch.stack([running_mean, invstd, scale, beta - running_mean * scale, running_mean, running_var])
+    return torch.stack([running_mean, invstd, scale, beta - running_mean * scale, running_mean, running_var]).float()
 
 
 def _conv_forward(k, x, w, bias, bn, stride, groups, act, training, save):
@@ -687,6 +687,8 @@ def _conv_setup_context(ctx, inputs, output):
 def _conv_autograd_backward(ctx, grad, _grad_y, _grad_stats):
     x, weight, y, stats, bn_weight = ctx.saved_tensors
     has_bias, has_bn, stride, groups, training, activation = ctx.config
+    if (has_bn or activation != 0) and y.numel() == 0:
+        raise RuntimeError("conv_bn_act: backward through a forward that ran with save=False (no saved activation)")
     n = ctx.needs_input_grad
     need = [n[0], n[1], has_bias and n[2], has_bn and n[3], has_bn and n[4]]
     dx, dw, db, dgamma, dbeta = _conv_cuda_backward_op(grad, x, weight, y, stats, bn_weight, stride, groups, training,
@@ -756,6 +758,8 @@ def _pcm_setup_context(ctx, inputs, output):
 def _pcm_autograd_backward(ctx, grad, *_):
     x, w1, w2, w3, y1, y2, st1, st2, g1, g2 = ctx.saved_tensors
     strides, groups, training, has_bias = ctx.config
+    if y1.numel() == 0:
+        raise RuntimeError("pcm: backward through a forward that ran with save=False (no saved activations)")
     n = ctx.needs_input_grad
     dx, dw1, db1, dw2, db2, dw3, db3, dg1, dbe1, dg2, dbe2 = _pcm_cuda_backward_op(
         grad, x, w1, w2, w3, y1, y2, st1, st2, g1, g2, strides, groups, training, n[0])

@@ -177,9 +177,14 @@ cudaError_t pcm_fused_inference(const PcmFusedPlan& plan, const PcmChain& c, DTy
                                 const float* s2, const float* t2, const float* s3, const float* t3, void* out,
                                 cudaStream_t stream);
 
-// Device properties the planners use (cached per device).
+// Device properties the planners use.
 int device_sm_count();
 int device_max_smem_optin();
+
+// Testing hook: plan every convolution and weight gradient on the direct kernels, so tests can run
+// both implementations on the same problem.
+void set_force_direct(bool direct);
+bool force_direct();
 
 }  // namespace cuda
 }  // namespace dinocxr

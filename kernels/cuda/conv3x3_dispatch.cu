@@ -3,8 +3,17 @@
 #include "conv3x3.cuh"
 #include "conv_internal.cuh"
 
+#include <atomic>
+
 namespace dinocxr {
 namespace cuda {
+
+namespace {
+std::atomic<bool> g_force_direct{false};
+}  // namespace
+
+void set_force_direct(bool direct) { g_force_direct.store(direct); }
+bool force_direct() { return g_force_direct.load(); }
 
 int device_sm_count() {
   int device = 0, n = 0;
@@ -66,7 +75,7 @@ TapConvPlan tap_conv_plan(const TapConv& c, DType dt, const void* in, const void
   }
   internal::TcConvCfg tc;
   const char* why_tc = "";
-  if (internal::tc_conv_config(c, dt, in, w, out, aux, &tc, &why_tc)) {
+  if (!force_direct() && internal::tc_conv_config(c, dt, in, w, out, aux, &tc, &why_tc)) {
     plan.supported = plan.tensor_cores = true;
     plan.partial_rows = kind == EpiKind::kAffineAct ? 0 : tc.grid.x;
     return plan;
@@ -124,7 +133,7 @@ WgradPlan wgrad_plan(const WgradConv& c, DType dt, const void* x, const void* dy
   }
   internal::TcWgradCfg tc;
   const char* why_tc = "";
-  if (internal::tc_wgrad_config(c, dt, x, dy, &tc, &why_tc)) {
+  if (!force_direct() && internal::tc_wgrad_config(c, dt, x, dy, &tc, &why_tc)) {
     plan.supported = plan.tensor_cores = true;
     plan.splits = static_cast<int>(tc.grid.z);
   } else {
