@@ -434,7 +434,8 @@ def _cuda_unsupported(x, weight, stride, padding, dilation, groups, bn, training
     dtype = _compute_dtype(x)
     if dtype not in _CUDA_DTYPES:
         return "x", f"the cuda backend computes in float32, float16 or bfloat16, got {dtype}"
-    if dtype == x.dtype and weight.dtype != x.dtype:
+    autocast = x.device.type == "cuda" and torch.is_autocast_enabled("cuda")
+    if not autocast and weight.dtype != x.dtype:  # autocast casts both, as it does for F.conv2d
         return "weight", f"weight has dtype {weight.dtype} but x has {x.dtype}"
     if tuple(weight.shape[2:]) != (3, 3):
         return "weight", f"the cuda backend runs 3x3 kernels, got {tuple(weight.shape[2:])}"
