@@ -462,10 +462,10 @@ def test_conv_bn_act_cuda_under_autocast_matches_bf16_inputs():
         conv64.weight.copy_(conv.weight.bfloat16().double())
     want = _call(conv_mod.conv_bn_act_reference, x.detach().bfloat16().double(), conv64, bn64, "silu", True, True)
     close(got, want, TOL[torch.bfloat16], "autocast")
-    # Inside the model the next conv sees a bf16 activation and fp32 weights: still the cuda backend.
+    # Inside the model a grouped conv sees a bf16 activation and fp32 weights: still the cuda backend.
     spec = {"bn_weight": bn.weight, "bn_bias": bn.bias, "running_mean": bn.running_mean, "running_var": bn.running_var}
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        assert conv_mod._cuda_or_fallback("auto", got, torch.randn(64, 256, 3, 3, device="cuda"), 1, 1, 1, 1, spec,
+        assert conv_mod._cuda_or_fallback("auto", got, torch.randn(256, 8, 3, 3, device="cuda"), 1, 1, 1, 32, spec,
                                           True) == "cuda"
 
 

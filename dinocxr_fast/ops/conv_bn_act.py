@@ -453,9 +453,16 @@ def _cuda_unsupported(x, weight, stride, padding, dilation, groups, bn, training
     return None if reason is None else ("weight", f"the cuda kernels do not cover this convolution: {reason}")
 
 
+# Which convolutions ``auto`` gives to the cuda kernels. Grouped ones (4 or 16 channels per group,
+# ViTAEv2 stages 2-4, where cuDNN is weak) and thin ones (the one-channel stem) run here. Dense
+# convolutions with 32+ input channels (stage 1) stay with cuDNN: its Hopper kernels use wgmma,
+# ours mma.sync, and that decides the dense case; flip this once benchmarks/bench_pcm.py on the
+# target GPU shows the fused path ahead (``backend="cuda"`` runs the kernels regardless).
+AUTO_DENSE_CUDA = False
+
+
 def _cuda_preferred(x, weight, groups) -> bool:
-    """``auto`` leaves fp32 dense convolutions to cuDNN (TF32 tensor cores beat the direct fp32 kernel)."""
-    return not (_compute_dtype(x) == torch.float32 and groups == 1 and weight.shape[1] >= 32)
+    return groups > 1 or weight.shape[1] < 32 or AUTO_DENSE_CUDA
 
 
 def _cuda_or_fallback(backend, x, weight, stride, padding, dilation, groups, bn, training) -> str:
