@@ -17,6 +17,9 @@ GPU's dense bf16 peak, GB/s of the minimum traffic (input and output once per pa
 goals of issue 8 on an H100: >= 1.5x the best of eager and compile on the grouped stages, >= 1x
 on the dense stage 1, inference >= 2x eager.
 
+``--wgmma`` also times the dense shapes on the sm_90a wgmma kernel (``cuda_wgmma_ms``; off by
+default in the library until it has been verified on a Hopper GPU: run the GPU tests first).
+
 ``--quick`` (scripts/gpu_check.sh gives it 60 s) measures three shapes (dense stage 1, grouped
 stages 2 and 4), training forward+backward and inference, without torch.compile unless
 ``--compile`` is given (compiling the chain takes tens of seconds per mode); the goal verdicts
@@ -108,6 +111,9 @@ def run(args) -> list[H.Record]:
         print("bench_pcm: the extension was built without CUDA (rebuild with DINOCXR_CUDA=1); nothing measured.")
         return []
     torch.backends.cudnn.benchmark = True
+    wgmma = _ext.require().wgmma_available(device.index or 0)
+    if args.wgmma and not wgmma:
+        print("--wgmma: this GPU / build has no sm_90a wgmma kernel; not measured.")
     peaks = H.gpu_peaks(device)
     repeats = 8 if args.quick else 30
     use_compile = args.compile or not args.quick
@@ -166,12 +172,21 @@ def run(args) -> list[H.Record]:
                             out.float().sum().backward()
                 return go
 
+            def ours_wgmma(x):
+                _ext.require().conv_use_wgmma(True)
+                try:
+                    return ours_chain()
+                finally:
+                    _ext.require().conv_use_wgmma(False)
+
             fns = {
                 "cuda": step(lambda x: ours_chain(), x_tok),
                 "cuda_per_conv": step(lambda x: ours_per_conv(), x_tok),
                 "eager_channels_last": step(model_cl, x_cl),
                 "eager_nchw": step(model_nchw, x_nchw),
             }
+            if args.wgmma and groups == 1 and wgmma:
+                fns["cuda_wgmma"] = step(ours_wgmma, x_tok)
             if want_compile and compile_spent < compile_budget_s:
                 if compiled is None:
                     compiled = torch.compile(model_cl)
@@ -193,7 +208,7 @@ def run(args) -> list[H.Record]:
                     print(f"{name} {mode} {key}: failed: {type(exc).__name__}: {exc}")
             if "cuda" not in ms:
                 continue
-            peers = {k: v for k, v in ms.items() if k not in ("cuda", "cuda_per_conv")}
+            peers = {k: v for k, v in ms.items() if not k.startswith("cuda")}
             best_peer = min(peers, key=peers.get)
             flops = mode_flops(shape, mode, image_input)
             extra = {k + "_ms": round(v, 4) for k, v in ms.items() if k != "cuda"}
@@ -219,10 +234,11 @@ def run(args) -> list[H.Record]:
 def main() -> None:
     parser = H.base_parser(__doc__)
     parser.add_argument("--compile", action="store_true", help="measure torch.compile even with --quick")
+    parser.add_argument("--wgmma", action="store_true", help="also time the dense shapes on the wgmma kernel")
     args = parser.parse_args()
     records = run(args)
     if records:
-        H.print_table(records, extra_cols=("TFLOP/s", "frac_peak_bf16", "GB/s", "cuda_per_conv_ms",
+        H.print_table(records, extra_cols=("TFLOP/s", "frac_peak_bf16", "GB/s", "cuda_per_conv_ms", "cuda_wgmma_ms",
                                            "eager_channels_last_ms", "eager_nchw_ms", "torch.compile_ms", "goal",
                                            "goal_met"))
         met = sum(r.extra["goal_met"] for r in records)

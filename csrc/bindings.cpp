@@ -215,14 +215,16 @@ dc::TapConv make_tap_conv(const std::vector<int64_t>& geom, const std::vector<in
   return c;
 }
 
-// (supported, tensor_cores, reason) for a tap convolution with aligned tensors on `device`.
+// (supported, implementation "direct" / "mma" / "wgmma", reason) for a tap convolution with
+// aligned tensors on `device`.
 py::tuple tap_conv_info(const std::vector<int64_t>& geom, const std::vector<int64_t>& tap_dy,
                         const std::vector<int64_t>& tap_dx, int64_t dtype, int64_t device) {
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   const dc::TapConv c = make_tap_conv(geom, tap_dy, tap_dx);
   const dc::TapConvPlan plan = dc::tap_conv_plan(c, dtype_code(dtype), nullptr, nullptr, nullptr, nullptr,
                                                  dc::EpiKind::kAffineAct);
-  return py::make_tuple(plan.supported, plan.tensor_cores, std::string(plan.reason));
+  static const char* names[] = {"direct", "mma", "wgmma"};
+  return py::make_tuple(plan.supported, std::string(names[static_cast<int>(plan.impl)]), std::string(plan.reason));
 }
 
 // Runs one tap convolution into `out` (preallocated: the data gradient of a strided conv is four
@@ -507,6 +509,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("b"), py::arg("c"), py::arg("inplace"));
   m.def("force_direct_conv", &dc::set_force_direct, py::arg("direct"),
         "Testing hook: run every PCM convolution on the direct kernels (no tensor cores)");
+  m.def("conv_use_wgmma", &dc::set_use_wgmma, py::arg("use"),
+        "Prefer the wgmma (sm_90a) kernel for dense PCM convolutions (off by default)");
+  m.def("wgmma_available", [](int64_t device) {
+        const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+        return dc::wgmma_compiled();
+      }, py::arg("device"), "Whether `device` is sm_90 and this build holds sm_90a code for it");
   m.def("pcm_fused_info", &pcm_fused_info, "(supported, groups_per_block, smem_bytes, reason) of the fused PCM",
         py::arg("shape"), py::arg("dtype"), py::arg("device"));
   m.def("pcm_fused_cuda", &pcm_fused_cuda, "Whole grouped PCM at inference in one kernel", py::arg("x"),

@@ -40,6 +40,7 @@ def cuda_build():
     torch.backends.cuda.matmul.allow_tf32 = False
     yield
     _ext.require().force_direct_conv(False)
+    _ext.require().conv_use_wgmma(False)
 
 
 # (dtype, path): "auto" is the dispatcher's choice (tensor cores where eligible), "direct" forces the
@@ -55,7 +56,10 @@ def mode_id(mode):
 
 
 def set_path(path: str) -> None:
-    _ext.require().force_direct_conv(path == "direct")
+    """auto: mma.sync for dense convs (the default); direct: CUDA cores only; wgmma: the sm_90a kernel."""
+    ext = _ext.require()
+    ext.force_direct_conv(path == "direct")
+    ext.conv_use_wgmma(path == "wgmma")
 
 
 def close(got, want, tol, what=""):
@@ -536,3 +540,45 @@ def test_extension_checks_sizes_before_launching():
         ext.tap_conv_cuda(rnd(2, 5, 5, 16)[..., ::2], w, out, geom, *taps, *args)
     with pytest.raises(ValueError, match="dtype"):
         ext.tap_conv_cuda(x, w.half(), out, geom, *taps, *args)
+
+
+# ---- the wgmma (sm_90a) path, last: it is the least proven kernel -------------------------------------
+def need_wgmma():
+    if not _ext.require().wgmma_available(torch.cuda.current_device()):
+        pytest.skip("the wgmma kernel needs an sm_90 GPU and sm_90a code in the build (DINOCXR_CUDA_ARCHS=90a)")
+
+
+def test_wgmma_path_is_taken_for_dense_convs():
+    need_wgmma()
+    plan = conv_mod._forward_plan(2, 9, 9, 64, 256, 1, 1)
+    info = lambda: _ext.require().tap_conv_info(list(plan.geom), list(plan.tap_dy), list(plan.tap_dx), 2,  # noqa: E731
+                                                torch.cuda.current_device())
+    assert info()[1] == "mma"  # the default until the wgmma kernel has been measured
+    set_path("wgmma")
+    assert info()[1] == "wgmma"
+    grouped = conv_mod._forward_plan(2, 9, 9, 64, 64, 16, 1)
+    assert _ext.require().tap_conv_info(list(grouped.geom), list(grouped.tap_dy), list(grouped.tap_dx), 2,
+                                        torch.cuda.current_device())[1] == "direct"
+
+
+WGMMA_CASES = [c for c in KERNEL_CASES if c[2] == 1 and c[0] % 64 == 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", WGMMA_CASES)
+def test_wgmma_tap_conv_matches_emulation(dtype, case):
+    need_wgmma()
+    test_tap_conv_kernels_match_emulation((dtype, "wgmma"), case)
+
+
+@pytest.mark.parametrize("case", [PCM_CASES[0], PCM_CASES[1]])
+def test_wgmma_pcm_matches_reference(case):
+    need_wgmma()
+    set_path("wgmma")
+    check_pcm(torch.bfloat16, case, (True, True))
+
+
+def test_wgmma_vitaev2_s_stage1_batch64():
+    need_wgmma()
+    set_path("wgmma")
+    test_vitaev2_s_pcm_batch64_bf16_training("s1_normal")

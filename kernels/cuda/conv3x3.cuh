@@ -82,9 +82,12 @@ struct Epilogue {
   float2* partials = nullptr;  // [partial_rows][out_c]: (sum, sum of squares or of products)
 };
 
+enum class ConvImpl : int { kDirect = 0, kMma = 1, kWgmma = 2 };
+
 struct TapConvPlan {
   bool supported = false;      // false: no kernel covers this problem (the caller uses another backend)
-  bool tensor_cores = false;   // which implementation runs
+  bool tensor_cores = false;   // mma.sync or wgmma
+  ConvImpl impl = ConvImpl::kDirect;
   int64_t partial_rows = 0;    // rows of `partials` the launch writes (stats epilogues)
   const char* reason = "";     // why not supported
 };
@@ -185,6 +188,12 @@ int device_max_smem_optin();
 // both implementations on the same problem.
 void set_force_direct(bool direct);
 bool force_direct();
+
+// The wgmma (sm_90a) implementation of the dense tap convolutions: off by default until it has run on
+// a Hopper GPU; when on, the dispatcher prefers it over mma.sync wherever it applies.
+void set_use_wgmma(bool use);
+// Whether the current device is sm_90 and this binary holds sm_90a code for it.
+bool wgmma_compiled();
 
 }  // namespace cuda
 }  // namespace dinocxr

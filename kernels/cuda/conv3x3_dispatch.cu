@@ -73,16 +73,25 @@ TapConvPlan tap_conv_plan(const TapConv& c, DType dt, const void* in, const void
     plan.reason = why;
     return plan;
   }
-  internal::TcConvCfg tc;
   const char* why_tc = "";
+  internal::WgmmaConvCfg wg;
+  if (!force_direct() && internal::wgmma_conv_config(c, dt, in, w, out, aux, &wg, &why_tc)) {
+    plan.supported = plan.tensor_cores = true;
+    plan.impl = ConvImpl::kWgmma;
+    plan.partial_rows = kind == EpiKind::kAffineAct ? 0 : wg.grid.x;
+    return plan;
+  }
+  internal::TcConvCfg tc;
   if (!force_direct() && internal::tc_conv_config(c, dt, in, w, out, aux, &tc, &why_tc)) {
     plan.supported = plan.tensor_cores = true;
+    plan.impl = ConvImpl::kMma;
     plan.partial_rows = kind == EpiKind::kAffineAct ? 0 : tc.grid.x;
     return plan;
   }
   internal::DirectConvCfg direct;
   if (internal::direct_conv_config(c, dt, in, &direct, &plan.reason)) {
     plan.supported = true;
+    plan.impl = ConvImpl::kDirect;
     plan.partial_rows = kind == EpiKind::kAffineAct ? 0 : direct.grid.y;
   }
   return plan;
@@ -93,7 +102,15 @@ cudaError_t tap_conv_forward(const TapConvPlan& plan, const TapConv& c, DType dt
   if (!plan.supported || check_geometry(c) != nullptr || check_epilogue(epi) != nullptr) return cudaErrorInvalidValue;
   if ((pro.scale == nullptr) != (pro.shift == nullptr)) return cudaErrorInvalidValue;
   const char* why = "";
-  if (plan.tensor_cores) {
+  // Re-derive the launch configuration from the same inputs; it must match the plan (partials).
+  if (plan.impl == ConvImpl::kWgmma) {
+    internal::WgmmaConvCfg wg;
+    if (!internal::wgmma_conv_config(c, dt, in, w, out, epi.aux, &wg, &why)) return cudaErrorInvalidValue;
+    if (epi.kind != EpiKind::kAffineAct && static_cast<int64_t>(wg.grid.x) != plan.partial_rows)
+      return cudaErrorInvalidValue;
+    return internal::wgmma_conv_launch(wg, c, dt, in, w, out, pro, epi, stream);
+  }
+  if (plan.impl == ConvImpl::kMma) {
     internal::TcConvCfg tc;
     if (!internal::tc_conv_config(c, dt, in, w, out, epi.aux, &tc, &why)) return cudaErrorInvalidValue;
     if (epi.kind != EpiKind::kAffineAct && static_cast<int64_t>(tc.grid.x) != plan.partial_rows)

@@ -59,6 +59,18 @@ bool tc_conv_config(const TapConv& c, DType dt, const void* in, const void* w, c
 cudaError_t tc_conv_launch(const TcConvCfg& cfg, const TapConv& c, DType dt, const void* in, const void* w,
                            void* out, const Prologue& pro, const Epilogue& epi, cudaStream_t stream);
 
+// ---- tensor-core tap convolution on wgmma (sm_90a) ----------------------------------------------
+struct WgmmaConvCfg {
+  int bn;  // 64 or 128 output channels per block
+  size_t smem_bytes;
+  dim3 grid;
+};
+
+bool wgmma_conv_config(const TapConv& c, DType dt, const void* in, const void* w, const void* out, const void* aux,
+                       WgmmaConvCfg* cfg, const char** reason);
+cudaError_t wgmma_conv_launch(const WgmmaConvCfg& cfg, const TapConv& c, DType dt, const void* in, const void* w,
+                              void* out, const Prologue& pro, const Epilogue& epi, cudaStream_t stream);
+
 // ---- weight gradient --------------------------------------------------------------------------
 struct DirectWgradCfg {
   int co_t, ci_t;        // outputs / inputs per thread
