@@ -29,6 +29,7 @@ using detail::to_float;
 
 constexpr int kChunkCols = 256;   // columns per teacher_pass block
 constexpr int kTeacherWarps = 8;  // teacher_pass block = 8 warps, each a subset of the rows
+constexpr int kRowUnroll = 4;     // rows in flight per warp
 
 struct MaxSum {
   float m, s;  // running max and sum of exp(x - m)
@@ -112,27 +113,48 @@ __global__ void __launch_bounds__(kTeacherWarps * 32)
   }
 
   bool bad = false;
-  for (int64_t r = warp; r < rows; r += kTeacherWarps) {
-    const T* row = teacher + r * k;
-    float u[kPerLane];
+  // kRowUnroll rows per warp and step: their loads are issued together (a warp-uniform loop, so
+  // the shuffles inside stay convergent).
+  for (int64_t r0 = warp; r0 < rows; r0 += static_cast<int64_t>(kTeacherWarps) * kRowUnroll) {
+    float t[kRowUnroll][kPerLane];
 #pragma unroll
-    for (int j = 0; j < kVecs; ++j) {
-      if (j < n_valid) {
-        float t[VEC];
-        load_vec<T, VEC>(row + c0 + j * 32 * VEC + lane * VEC, t);
+    for (int q = 0; q < kRowUnroll; ++q) {
+      const int64_t r = r0 + q * kTeacherWarps;
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) {
-          bad |= !isfinite(t[e]);
-          csum[j * VEC + e] += t[e];
-          u[j * VEC + e] = (t[e] - cen[j * VEC + e]) * inv_tt;
+      for (int j = 0; j < kVecs; ++j) {
+        float v[VEC];
+        if (r < rows && j < n_valid) {
+          load_vec<T, VEC>(teacher + r * k + c0 + j * 32 * VEC + lane * VEC, v);
+        } else {
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) v[e] = 0.f;
         }
-      } else {
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) u[j * VEC + e] = -CUDART_INF_F;  // never read: past n_valid
+        for (int e = 0; e < VEC; ++e) t[q][j * VEC + e] = v[e];
       }
     }
-    const MaxSum st = warp_merge(local_max_sum(u, n_valid * VEC));
-    if (lane == 0) partials[r * n_chunks + chunk] = make_float2(st.m, st.s);
+#pragma unroll
+    for (int q = 0; q < kRowUnroll; ++q) {
+      const int64_t r = r0 + q * kTeacherWarps;
+      if (r >= rows) break;
+      float u[kPerLane];
+#pragma unroll
+      for (int j = 0; j < kVecs; ++j) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          const int i = j * VEC + e;
+          if (j < n_valid) {
+            bad |= !isfinite(t[q][i]);
+            csum[i] += t[q][i];
+            u[i] = (t[q][i] - cen[i]) * inv_tt;
+          } else {
+            u[i] = -CUDART_INF_F;  // never read: past n_valid
+          }
+        }
+      }
+      const MaxSum st = warp_merge(local_max_sum(u, n_valid * VEC));
+      if (lane == 0) partials[r * n_chunks + chunk] = make_float2(st.m, st.s);
+    }
   }
   if (bad) atomicOr(non_finite, 1);
 
