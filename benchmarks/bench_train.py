@@ -58,78 +58,75 @@ def step_flops(job: PretrainJob, views) -> float:
     return float(counter.get_total_flops())
 
 
-def measure(args, device: torch.device, name: str, backend: str, compile_: bool, tmp: Path) -> dict:
+def prepare(args, device: torch.device, name: str, backend: str, compile_: bool, tmp: Path):
+    """A PretrainJob, a few cached batches, and two warm-up steps (compilation included)."""
     cfg = make_cfg(args, device, backend, compile_)
     job = PretrainJob(cfg, tmp / name.replace(" ", "_"), show_progress=False)
-    try:
-        job.loader.set_epoch(0)
-        it = iter(job.loader)
-        cached = [next(it) for _ in range(min(4, len(job.loader)))]
-        images = cached[0][0].shape[0]
-        for views in cached[:2]:  # warm-up (and compile)
-            job.train_step(views)
+    job.loader.set_epoch(0)
+    it = iter(job.loader)
+    cached = [next(it) for _ in range(min(4, len(job.loader)))]
+    for views in cached[:2]:
+        job.train_step(views)
+    sync(device)
+    return job, it, cached
+
+
+def step_fn(job: PretrainJob, cached: list, device: torch.device):
+    state = {"i": 0}
+
+    def step():
+        job.train_step(cached[state["i"] % len(cached)])
+        state["i"] += 1
         sync(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        n = args.steps
-        times = []
-        for i in range(n):
-            t0 = time.perf_counter()
-            job.train_step(cached[i % len(cached)])
-            sync(device)
-            times.append((time.perf_counter() - t0) * 1e3)
-        step_ms = statistics.median(times)
-        out = {"step_ms": step_ms, "images_per_s": images / step_ms * 1e3}
-        if device.type == "cuda":
-            out["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-        if name == "fused":
-            # phases, synchronised
-            phase = {"forward+loss": 0.0, "backward": 0.0, "optimizer+ema": 0.0}
-            for i in range(n):
-                views = cached[i % len(cached)]
-                t = time.perf_counter()
-                loss, _, _ = job.forward_loss(views)
-                sync(device)
-                phase["forward+loss"] += time.perf_counter() - t
-                t = time.perf_counter()
-                job.backward(loss)
-                sync(device)
-                phase["backward"] += time.perf_counter() - t
-                t = time.perf_counter()
-                job.update()
-                sync(device)
-                phase["optimizer+ema"] += time.perf_counter() - t
-            out["phases_ms"] = {k: round(v * 1e3 / n, 2) for k, v in phase.items()}
-            # the data pipeline alone
-            t = time.perf_counter()
-            produced = 0
-            for _ in range(n):
-                try:
-                    produced += next(it)[0].shape[0]
-                except StopIteration:
-                    job.loader.set_epoch(job.loader.epoch + 1)
-                    it = iter(job.loader)
-            out["data_images_per_s"] = produced / (time.perf_counter() - t)
-            # a real loop with the loader feeding the step: data wait fraction
-            wait, t_all = 0.0, time.perf_counter()
-            for _ in range(n):
-                t = time.perf_counter()
-                try:
-                    views = next(it)
-                except StopIteration:
-                    job.loader.set_epoch(job.loader.epoch + 1)
-                    it = iter(job.loader)
-                    views = next(it)
-                wait += time.perf_counter() - t
-                job.train_step(views)
-            sync(device)
-            total = time.perf_counter() - t_all
-            out["with_data_images_per_s"] = images * n / total
-            out["data_wait_frac"] = wait / total
-            out["flops_per_step"] = step_flops(job, cached[0])
-        return out
-    finally:
-        job.close()
+
+    return step
+
+
+def fused_details(job: PretrainJob, it, cached: list, device: torch.device, n: int) -> dict:
+    """ms per phase (synchronised), the data pipeline alone, and a loop fed by the loader."""
+    out = {}
+    phase = {"forward+loss": 0.0, "backward": 0.0, "optimizer+ema": 0.0}
+    for i in range(n):
+        views = cached[i % len(cached)]
+        t = time.perf_counter()
+        loss, _, _ = job.forward_loss(views)
+        sync(device)
+        phase["forward+loss"] += time.perf_counter() - t
+        t = time.perf_counter()
+        job.backward(loss)
+        sync(device)
+        phase["backward"] += time.perf_counter() - t
+        t = time.perf_counter()
+        job.update()
+        sync(device)
+        phase["optimizer+ema"] += time.perf_counter() - t
+    out["phases_ms"] = {k: round(v * 1e3 / n, 2) for k, v in phase.items()}
+
+    def next_batch():
+        nonlocal it
+        try:
+            return next(it)
+        except StopIteration:
+            job.loader.set_epoch(job.loader.epoch + 1)
+            it = iter(job.loader)
+            return next(it)
+
+    t = time.perf_counter()
+    produced = sum(next_batch()[0].shape[0] for _ in range(n))
+    out["data_images_per_s"] = produced / (time.perf_counter() - t)
+    wait, images, t_all = 0.0, 0, time.perf_counter()
+    for _ in range(n):
+        t = time.perf_counter()
+        views = next_batch()
+        wait += time.perf_counter() - t
+        job.train_step(views)
+        images += views[0].shape[0]
+    sync(device)
+    total = time.perf_counter() - t_all
+    out["with_data_images_per_s"] = images / total
+    out["data_wait_frac"] = wait / total
+    out["flops_per_step"] = step_flops(job, cached[0])
+    return out
 
 
 def run(args) -> list[H.Record]:
@@ -139,15 +136,33 @@ def run(args) -> list[H.Record]:
     if args.size is None:
         args.size = 224 if device.type == "cuda" else 128
     if args.steps is None:
-        args.steps = 20 if device.type == "cuda" else (3 if args.quick else 8)
+        args.steps = 20 if device.type == "cuda" else 7
     variants = [("fused", "auto", False), ("torch eager", "torch", False)]
     if not args.no_compile and not (args.quick and device.type == "cpu"):
         variants.append(("torch.compile", "torch", True))
-    results = {}
+    results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, backend, compile_ in variants:
-            results[name] = measure(args, device, name, backend, compile_, Path(tmp))
-            print(f"{name}: {results[name]['step_ms']:.1f} ms/step, {results[name]['images_per_s']:.1f} img/s", flush=True)
+        jobs = {name: prepare(args, device, name, backend, compile_, Path(tmp)) for name, backend, compile_ in variants}
+        try:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            # round-robin over the variants, so a change of machine load hits them alike
+            times = H.time_interleaved({name: step_fn(job, cached, device) for name, (job, _, cached) in jobs.items()},
+                                       device, repeats=args.steps)
+            for name, (job, _, cached) in jobs.items():
+                images = cached[0][0].shape[0]
+                results[name] = {"step_ms": times[name], "images_per_s": images / times[name] * 1e3}
+                print(f"{name}: {times[name]:.1f} ms/step, {results[name]['images_per_s']:.1f} img/s", flush=True)
+            if device.type == "cuda":  # peak memory per variant: measured one at a time
+                for name, (job, _, cached) in jobs.items():
+                    torch.cuda.reset_peak_memory_stats(device)
+                    step_fn(job, cached, device)()
+                    results[name]["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+            job, it, cached = jobs["fused"]
+            results["fused"].update(fused_details(job, it, cached, device, args.steps))
+        finally:
+            for job, _, _ in jobs.values():
+                job.close()
     fused = results["fused"]  # step_ms is the median over --steps synchronised steps
     arch = args.arch or ("vitaev2_s" if device.type == "cuda" else "vitaev2_tiny")
     shape = f"{arch},B={args.batch},{args.size}px,{'multicrop' if args.multicrop else 'dino_cxr'}"

@@ -177,6 +177,7 @@ def test_knn_monitor_on_cxr_sample(tmp_path):
         pytest.skip(f"{SAMPLE} not found (the shared cxr-sample data)")
     run = tmp_path / "run"
     assert train.main(["--out", str(run), "--max-steps", "6", "--knn-data", str(SAMPLE), *FAST,
-                       "--set", "train.knn_size=64", "--set", "train.epochs=1", "--set", "optim.warmup_epochs=0"]) == 0
+                       "--set", "train.knn_size=64", "--set", "train.epochs=1", "--set", "optim.warmup_epochs=0",
+                       "--set", "train.knn_every=1"]) == 0
     knn = [r for r in read_metrics(run) if "knn_acc" in r]
     assert len(knn) == 1 and 0.0 <= knn[0]["knn_acc"] <= 1.0

@@ -248,8 +248,6 @@ class TrainingJob:
                     break
                 if self.step % self.steps_per_epoch == 0:  # an epoch ended
                     self.on_epoch_end(self.step // self.steps_per_epoch, progress)
-                    if self.step % ckpt_every != 0 and self.step < end_step:
-                        self.save_checkpoint()
             else:
                 if max_steps is not None and max_steps <= self.step < self.total_steps:
                     self.stop = StopReason("max_steps", str(max_steps))
