@@ -8,6 +8,8 @@ from types import ModuleType
 @functools.lru_cache(maxsize=None)
 def load() -> ModuleType | None:
     """The extension module, or None when it was not built (pure-Python install)."""
+    import torch  # noqa: F401, PLC0415 - loads libc10/libtorch, which _C links against
+
     try:
         from dinocxr_fast import _C  # noqa: PLC0415
     except ImportError:
@@ -18,6 +20,8 @@ def load() -> ModuleType | None:
 @functools.lru_cache(maxsize=None)
 def load_error() -> str | None:
     """Why the extension could not be imported, for error messages."""
+    import torch  # noqa: F401, PLC0415
+
     try:
         from dinocxr_fast import _C  # noqa: F401, PLC0415
     except ImportError as exc:
