@@ -25,6 +25,7 @@ FAST = [
     "--set", "optim.batch_size=4", "--set", "model.out_dim=256", "--set", "model.head_hidden_dim=64",
     "--set", "model.head_bottleneck_dim=32", "--set", "train.epochs=2", "--set", "train.log_every=1",
     "--set", "train.ckpt_every=3", "--set", "data.num_workers=1", "--set", "model.drop_path_rate=0.1",
+    "--set", "optim.warmup_epochs=1",
     "--quiet",
 ]
 

@@ -5,6 +5,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dinocxr_fast.config import ConfigError
 from dinocxr_fast.dino.schedules import constant_schedule, cosine_schedule
 from dinocxr_fast.models import DINOHead, MultiCropWrapper, create_model
 
@@ -52,7 +53,7 @@ def build_optimizer(optim_cfg: dict, groups: list[dict], fused_ok: bool) -> torc
         return torch.optim.Adam(groups, lr=0.0, betas=tuple(optim_cfg["betas"]), **extra)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=0.0, momentum=float(optim_cfg["momentum"]), **extra)
-    raise ValueError(f"unknown optimiser optim.name={name!r} (adam, adamw, sgd)")
+    raise ConfigError(f"unknown optimiser optim.name={name!r} (adam, adamw, sgd)")
 
 
 def effective_lr(optim_cfg: dict, global_batch: int) -> float:
@@ -62,7 +63,7 @@ def effective_lr(optim_cfg: dict, global_batch: int) -> float:
         return lr * global_batch / 256.0
     if scaling == "none":
         return lr
-    raise ValueError(f"unknown optim.lr_scaling={scaling!r} (linear, none)")
+    raise ConfigError(f"unknown optim.lr_scaling={scaling!r} (linear, none)")
 
 
 def build_schedules(cfg: dict, steps_per_epoch: int, global_batch: int) -> dict[str, np.ndarray]:
@@ -71,13 +72,13 @@ def build_schedules(cfg: dict, steps_per_epoch: int, global_batch: int) -> dict[
     base_lr = effective_lr(o, global_batch)
     warmup = int(o["warmup_epochs"])
     if warmup >= epochs and epochs > 0:
-        raise ValueError(f"optim.warmup_epochs={warmup} must be smaller than train.epochs={epochs}")
+        raise ConfigError(f"optim.warmup_epochs={warmup} must be smaller than train.epochs={epochs}")
     if o["schedule"] == "cosine":
         lr = cosine_schedule(base_lr, float(o["min_lr"]), epochs, steps_per_epoch, warmup)
     elif o["schedule"] == "constant":
         lr = constant_schedule(base_lr, epochs, steps_per_epoch, warmup)
     else:
-        raise ValueError(f"unknown optim.schedule={o['schedule']!r} (cosine, constant)")
+        raise ConfigError(f"unknown optim.schedule={o['schedule']!r} (cosine, constant)")
     wd = cosine_schedule(float(o["weight_decay"]), float(o["weight_decay_end"]), epochs, steps_per_epoch)
     momentum = cosine_schedule(float(cfg["dino"]["momentum_teacher"]), 1.0, epochs, steps_per_epoch)
     return {"lr": lr, "weight_decay": wd, "momentum": momentum}
