@@ -258,25 +258,27 @@ __global__ void __launch_bounds__(256, 1)
   T* xt = reinterpret_cast<T*>(smem + k.dy_bytes);      // [hh * hw][x_stride]
 
   const int cin_g = c.in_c / c.groups, cout_g = c.out_c / c.groups;
-  const int n_cis = cin_g / CI_T;
+  const int n_cis = k.ci_chunk / CI_T;  // input-channel slots of one z block
+  const int cis0 = blockIdx.z * n_cis;  // its first slot in the group
   const int ipg = k.items_per_group;
   const int64_t n_items = static_cast<int64_t>(c.groups) * ipg;
   const int64_t item0 = static_cast<int64_t>(blockIdx.x) * k.threads;
   const int64_t item = item0 + threadIdx.x;
-  const bool ok = static_cast<int>(threadIdx.x) < k.threads && item < n_items;
 
   // This thread's weights: group g, outputs cos*CO_T.., inputs cis*CI_T.., kernel row kh.
   const int g = static_cast<int>(item / ipg);
   int r = static_cast<int>(item % ipg);
   const int kh = r % 3;
   r /= 3;
-  const int cis = r % n_cis, cos = r / n_cis;
+  const int cis_l = r % n_cis, cos = r / n_cis;
+  const int cis = cis0 + cis_l;
+  const bool ok = static_cast<int>(threadIdx.x) < k.threads && item < n_items && cis * CI_T < cin_g;
   // The block's channel windows in shared memory.
   const int g_first = static_cast<int>(item0 / ipg);
   const int co_lo = g_first * cout_g + (k.gpb > 0 ? 0 : static_cast<int>(item0 % ipg) / (3 * n_cis) * CO_T);
-  const int ci_lo = g_first * cin_g;
+  const int ci_lo = g_first * cin_g + cis0 * CI_T;
   const int co_loc = g * cout_g + cos * CO_T - co_lo;
-  const int ci_loc = g * cin_g + cis * CI_T - ci_lo;
+  const int ci_loc = (g - g_first) * cin_g + cis_l * CI_T;
   const bool do_bias = ok && part_b != nullptr && cis == 0 && kh == 0;
 
   float acc[3][CI_T][CO_T], db[CO_T];
@@ -515,13 +517,20 @@ bool direct_wgrad_config(const WgradConv& c, DType dt, const void* x, const void
   DirectWgradCfg k{};
   k.co_t = cout_g % 4 == 0 ? 4 : 1;
   k.ci_t = cin_g % 4 == 0 ? 4 : 1;
-  const int n_cis = cin_g / k.ci_t, n_cos = cout_g / k.co_t;
-  if (static_cast<int64_t>(n_cis) * n_cos * 3 > 0x7fffffff / 2) {
+  const int n_cos = cout_g / k.co_t;
+  if (static_cast<int64_t>(cin_g / k.ci_t) * n_cos * 3 > 0x7fffffff / 2) {
     *reason = "too many channels";
     return false;
   }
-  k.items_per_group = n_cos * n_cis * 3;
   k.hh = k.hw = (kWTile - 1) * c.stride + 3;
+  // Input channels per z block: the whole group, or the largest chunk whose halo fits.
+  k.ci_chunk = cin_g;
+  while (k.ci_chunk > k.ci_t &&
+         static_cast<size_t>(k.hh) * k.hw * ((k.ci_chunk + 7) / 8 * 8) * esz > 36 * 1024) {
+    k.ci_chunk = (k.ci_chunk / 2 + k.ci_t - 1) / k.ci_t * k.ci_t;
+  }
+  const int n_cis = k.ci_chunk / k.ci_t;
+  k.items_per_group = n_cos * n_cis * 3;
   const size_t budget = 48 * 1024;
   auto layout = [&](int co_span, int ci_span) {
     k.co_span = co_span, k.ci_span = ci_span;
@@ -532,7 +541,7 @@ bool direct_wgrad_config(const WgradConv& c, DType dt, const void* x, const void
     return k.smem_bytes <= budget;
   };
   bool ok = false;
-  if (k.items_per_group <= 256) {
+  if (k.items_per_group <= 256 && k.ci_chunk == cin_g) {
     for (int gpb = (256 / k.items_per_group < c.groups ? 256 / k.items_per_group : c.groups); gpb >= 1; --gpb) {
       if (layout(gpb * cout_g, gpb * cin_g)) {
         k.gpb = gpb;
@@ -542,14 +551,15 @@ bool direct_wgrad_config(const WgradConv& c, DType dt, const void* x, const void
       }
     }
     k.vec_dy = pick_vec(cout_g, c.out_c, esz, dy);
-  } else {
+  }
+  if (!ok) {  // part of one group per block
     k.gpb = 0;
     for (int cap = 256; cap >= 32 && !ok; cap /= 2) {
       k.threads = largest_divisor_at_most(k.items_per_group, cap);
       const int per_cos = 3 * n_cis;
       int co_span = ((k.threads + per_cos - 1) / per_cos + 1) * k.co_t;
       co_span = co_span > cout_g ? cout_g : co_span;
-      ok = layout(co_span, cin_g);
+      ok = layout(co_span, k.ci_chunk);
     }
     // The block's first output channel is a multiple of co_t inside its group.
     k.vec_dy = pick_vec(cout_g % k.co_t == 0 ? k.co_t : 1, c.out_c, esz, dy);
@@ -560,8 +570,8 @@ bool direct_wgrad_config(const WgradConv& c, DType dt, const void* x, const void
     return false;
   }
   if (k.co_span % k.vec_dy) k.vec_dy = 1;
-  k.vec_x = pick_vec(cin_g, c.in_c, esz, x);
-  if (k.ci_span % k.vec_x) k.vec_x = 1;
+  k.vec_x = pick_vec(k.ci_chunk, c.in_c, esz, x);  // chunks start at multiples of ci_chunk
+  if (k.ci_span % k.vec_x || cin_g % k.vec_x) k.vec_x = 1;
   const int64_t n_items = static_cast<int64_t>(c.groups) * k.items_per_group;
   const int64_t gx = (n_items + k.threads - 1) / k.threads;
   const int64_t tiles = static_cast<int64_t>(c.batch) * ((c.out_h + kWTile - 1) / kWTile) *
@@ -574,7 +584,8 @@ bool direct_wgrad_config(const WgradConv& c, DType dt, const void* x, const void
     *reason = "too many channels";
     return false;
   }
-  k.grid = dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
+  k.grid = dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy),
+                static_cast<unsigned>((cin_g + k.ci_chunk - 1) / k.ci_chunk));
   *cfg = k;
   return true;
 }

@@ -24,6 +24,12 @@
 #else
 #define DINOCXR_WGMMA 0
 #endif
+// kernels/cuda/emulation (the CPU test harness) replaces the instructions with their emulation.
+#if defined(DINOCXR_CUDA_EMULATION)
+#define DINOCXR_WGMMA_ASM(...)
+#else
+#define DINOCXR_WGMMA_ASM(...) asm volatile(__VA_ARGS__)
+#endif
 
 namespace dinocxr {
 namespace cuda {
@@ -62,20 +68,20 @@ __device__ __forceinline__ uint32_t swizzled(int r, int c) {
 }
 
 __device__ __forceinline__ void wgmma_fence() {
-  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+  DINOCXR_WGMMA_ASM("wgmma.fence.sync.aligned;\n" ::: "memory");
 }
 
 __device__ __forceinline__ void wgmma_commit() {
-  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+  DINOCXR_WGMMA_ASM("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 }
 
 __device__ __forceinline__ void wgmma_wait_all() {
-  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+  DINOCXR_WGMMA_ASM("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 }
 
 // Generic-proxy writes to shared memory (cp.async, the prologue) -> visible to wgmma.
 __device__ __forceinline__ void fence_proxy_async() {
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  DINOCXR_WGMMA_ASM("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
 // Keeps the compiler from moving accumulator reads / writes across the asynchronous MMAs.
@@ -84,7 +90,7 @@ __device__ __forceinline__ void fence_operands(float (&d)[1][NI][4]) {
 #pragma unroll
   for (int i = 0; i < NI; ++i)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[0][i][e])::"memory");
+    for (int e = 0; e < 4; ++e) DINOCXR_WGMMA_ASM("" : "+f"(d[0][i][e])::"memory");
 }
 
 // D (64 x N, fp32, registers) += A (64 x 16, shared) * B (N x 16, shared)^T.
@@ -93,6 +99,9 @@ __device__ __forceinline__ void wgmma_k16(float (&d)[1][N / 8][4], uint64_t desc
 
 template <>
 __device__ __forceinline__ void wgmma_k16<__nv_bfloat16, 128>(float (&d)[1][16][4], uint64_t desc_a, uint64_t desc_b) {
+#if defined(DINOCXR_CUDA_EMULATION)
+  emu::wgmma(&d[0][0][0], 128, desc_a, desc_b, true);
+#else
   asm volatile(
       "{\n"
       ".reg .pred p;\n"
@@ -118,9 +127,13 @@ __device__ __forceinline__ void wgmma_k16<__nv_bfloat16, 128>(float (&d)[1][16][
         "+f"(d[0][14][0]), "+f"(d[0][14][1]), "+f"(d[0][14][2]), "+f"(d[0][14][3]),
         "+f"(d[0][15][0]), "+f"(d[0][15][1]), "+f"(d[0][15][2]), "+f"(d[0][15][3])
       : "l"(desc_a), "l"(desc_b), "r"(1));
+#endif
 }
 template <>
 __device__ __forceinline__ void wgmma_k16<__nv_bfloat16, 64>(float (&d)[1][8][4], uint64_t desc_a, uint64_t desc_b) {
+#if defined(DINOCXR_CUDA_EMULATION)
+  emu::wgmma(&d[0][0][0], 64, desc_a, desc_b, true);
+#else
   asm volatile(
       "{\n"
       ".reg .pred p;\n"
@@ -138,9 +151,13 @@ __device__ __forceinline__ void wgmma_k16<__nv_bfloat16, 64>(float (&d)[1][8][4]
         "+f"(d[0][6][0]), "+f"(d[0][6][1]), "+f"(d[0][6][2]), "+f"(d[0][6][3]),
         "+f"(d[0][7][0]), "+f"(d[0][7][1]), "+f"(d[0][7][2]), "+f"(d[0][7][3])
       : "l"(desc_a), "l"(desc_b), "r"(1));
+#endif
 }
 template <>
 __device__ __forceinline__ void wgmma_k16<__half, 128>(float (&d)[1][16][4], uint64_t desc_a, uint64_t desc_b) {
+#if defined(DINOCXR_CUDA_EMULATION)
+  emu::wgmma(&d[0][0][0], 128, desc_a, desc_b, false);
+#else
   asm volatile(
       "{\n"
       ".reg .pred p;\n"
@@ -166,9 +183,13 @@ __device__ __forceinline__ void wgmma_k16<__half, 128>(float (&d)[1][16][4], uin
         "+f"(d[0][14][0]), "+f"(d[0][14][1]), "+f"(d[0][14][2]), "+f"(d[0][14][3]),
         "+f"(d[0][15][0]), "+f"(d[0][15][1]), "+f"(d[0][15][2]), "+f"(d[0][15][3])
       : "l"(desc_a), "l"(desc_b), "r"(1));
+#endif
 }
 template <>
 __device__ __forceinline__ void wgmma_k16<__half, 64>(float (&d)[1][8][4], uint64_t desc_a, uint64_t desc_b) {
+#if defined(DINOCXR_CUDA_EMULATION)
+  emu::wgmma(&d[0][0][0], 64, desc_a, desc_b, false);
+#else
   asm volatile(
       "{\n"
       ".reg .pred p;\n"
@@ -186,6 +207,7 @@ __device__ __forceinline__ void wgmma_k16<__half, 64>(float (&d)[1][8][4], uint6
         "+f"(d[0][6][0]), "+f"(d[0][6][1]), "+f"(d[0][6][2]), "+f"(d[0][6][3]),
         "+f"(d[0][7][0]), "+f"(d[0][7][1]), "+f"(d[0][7][2]), "+f"(d[0][7][3])
       : "l"(desc_a), "l"(desc_b), "r"(1));
+#endif
 }
 
 #endif  // DINOCXR_WGMMA

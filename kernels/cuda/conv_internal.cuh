@@ -74,7 +74,8 @@ cudaError_t wgmma_conv_launch(const WgmmaConvCfg& cfg, const TapConv& c, DType d
 // ---- weight gradient --------------------------------------------------------------------------
 struct DirectWgradCfg {
   int co_t, ci_t;        // outputs / inputs per thread
-  int items_per_group;   // (cout_g / co_t) * (cin_g / ci_t) * 3 kernel rows
+  int ci_chunk;          // input channels per block along z (== cin_g unless a group's halo does not fit)
+  int items_per_group;   // (cout_g / co_t) * (ci_chunk / ci_t) * 3 kernel rows, per z block
   int threads;           // items per block
   int gpb;               // whole groups per block; 0 = part of one group
   int co_span, ci_span;  // channels of dy / x held in shared memory
