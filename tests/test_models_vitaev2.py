@@ -224,7 +224,6 @@ def test_reference_names_map_to_ours():
     assert set(ref_keys.values()) - {"head.weight"} <= set(ours)
 
 
-@pytest.mark.slow
 def test_torch_compile_smoke(tiny):
     """torch.compile (inductor, CPU) of vitaev2_tiny runs, in one graph, and matches eager.
 
