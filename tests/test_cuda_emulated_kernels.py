@@ -83,7 +83,8 @@ class SimtKernels:
         err = self.lib.emu_tap_conv(arr(plan.geom), len(plan.tap_dy), arr(plan.tap_dy), arr(plan.tap_dx),
                                     DTYPE_CODE[x.dtype], ptr(x), ptr(w), ptr(out), ptr(v[0]), ptr(v[1]), kind, ACT[act],
                                     ptr(v[2]), ptr(v[3]), ptr(v[4]), ptr(aux), ptr(v[5]), ptr(v[6]), ptr(v[7]),
-                                    ptr(v[8]), ptr(partials), cap, ctypes.byref(rows), ctypes.byref(impl))
+                                    ptr(v[8]), ptr(partials), ctypes.c_int64(cap), ctypes.byref(rows),
+                                    ctypes.byref(impl))
         assert err == 0, f"emu_tap_conv returned {err}"
         self.impls.append(IMPL[impl.value])
         return partials[: rows.value].clone()
