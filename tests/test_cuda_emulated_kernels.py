@@ -425,7 +425,8 @@ def test_kernels_under_address_sanitizer():
                UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1", DINOCXR_EMU_LIB=str(lib))
     select = "test_tap_conv_kernels and (bfloat16-auto or bfloat16-wgmma) or test_wgrad_kernels and bfloat16 " \
              "or test_batchnorm or test_fused or test_dino_loss_kernel"
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", select],
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "slow", __file__,
+                           "-k", select],
                           env=env, capture_output=True, text=True, cwd=ROOT)
     tail = (proc.stdout + proc.stderr)[-6000:]
     assert proc.returncode == 0, tail

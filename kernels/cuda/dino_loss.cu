@@ -380,10 +380,12 @@ cudaError_t launch_vec(const DinoLossProblem& p, const T* student, const T* teac
     return err;
   const size_t cache_bytes = align16(sizeof(T) * p.k);
   const size_t stats_bytes = sizeof(float2) * p.n_global;
-  if (cache_bytes + stats_bytes <= static_cast<size_t>(max_smem)) {
+  // The opt-in limit covers static shared memory too (the reductions' 256 bytes): keep a margin.
+  const size_t limit = max_smem > 1024 ? static_cast<size_t>(max_smem) - 1024 : 0;
+  if (cache_bytes + stats_bytes <= limit) {
     err = launch_student<T, VEC, true>(p, student, teacher, center, ws, n_chunks, grad, grad_scale, cache_bytes,
                                        stream);
-  } else if (stats_bytes <= static_cast<size_t>(max_smem)) {
+  } else if (stats_bytes <= limit) {
     err = launch_student<T, VEC, false>(p, student, teacher, center, ws, n_chunks, grad, grad_scale, 0, stream);
   } else {
     return cudaErrorInvalidValue;  // n_global in the hundreds of thousands

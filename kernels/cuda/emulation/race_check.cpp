@@ -110,7 +110,7 @@ int main() {
                         nullptr, s.data(), out.data(), &gpb),
           "pcm_fused");
   }
-  for (int smem : {227 * 1024, 1024}) {  // cached row, then the re-read path
+  for (int smem : {227 * 1024, 2048}) {  // cached row, then the re-read path
     emu_config(2, smem, 0, 0);
     const int64_t batch = 2, crops = 3, k = 2048;
     auto s = bf16(size_t(crops * batch * k)), t = bf16(size_t(2 * batch * k));
