@@ -206,9 +206,10 @@ def run(args) -> list[H.Record]:
                     ms[key] = H.time_fn(fn, device, repeats)
                 except Exception as exc:
                     print(f"{name} {mode} {key}: failed: {type(exc).__name__}: {exc}")
-            if "cuda" not in ms:
-                continue
             peers = {k: v for k, v in ms.items() if not k.startswith("cuda")}
+            if "cuda" not in ms or not peers:
+                print(f"{name} {mode}: nothing to compare (see the failures above)")
+                continue
             best_peer = min(peers, key=peers.get)
             flops = mode_flops(shape, mode, image_input)
             extra = {k + "_ms": round(v, 4) for k, v in ms.items() if k != "cuda"}
