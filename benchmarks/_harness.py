@@ -11,9 +11,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
+import os
 import platform
+import shlex
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -159,12 +164,38 @@ def print_table(records: Iterable[Record], extra_cols: tuple[str, ...] = ()) -> 
         print(f"device: {records[0].device}; torch {records[0].torch_version}")
 
 
+def run_metadata() -> dict:
+    """Where a result came from: commit (with "-dirty" for uncommitted changes), UTC date, command.
+
+    ``DINOCXR_COMMIT`` names the commit where the tree has no .git (a copy on the GPU machine)."""
+    repo = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=30,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = os.environ.get("DINOCXR_COMMIT") or git("rev-parse", "--short", "HEAD") or "unknown"
+    if "DINOCXR_COMMIT" not in os.environ and commit != "unknown" and git("status", "--porcelain", "--untracked-files=no", "--", "dinocxr_fast", "csrc",
+                                   "kernels", "benchmarks"):
+        commit += "-dirty"
+    module = Path(sys.argv[0]).stem
+    command = " ".join(["python -m benchmarks." + module if module.startswith("bench") else sys.argv[0],
+                        *map(shlex.quote, sys.argv[1:])])
+    return {"commit": commit, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+            "benchmark": module, "command": command}
+
+
 def write_json(records: Iterable[Record], path: str | Path | None) -> None:
+    """The records as JSON, each stamped with run_metadata() (benchmarks/report.py reads these)."""
     if not path:
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps([dataclasses.asdict(r) for r in records], indent=2) + "\n")
+    meta = run_metadata()
+    path.write_text(json.dumps([{**dataclasses.asdict(r), **meta} for r in records], indent=2) + "\n")
     print(f"wrote {path}")
 
 

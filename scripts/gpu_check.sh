@@ -9,7 +9,8 @@ PY=${PYTHON:-python3}  # the GPU image's torch lives in python3
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+commit=${DINOCXR_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+export DINOCXR_COMMIT=$commit
 report="$out/gpu_check_${stamp}.md"
 log="$out/gpu_check_${stamp}.log"
 json_dir="$out/gpu_check_${stamp}_json"
@@ -58,6 +59,15 @@ done
 for name in bench_train bench_model bench_infer bench_data; do
   [ -f "benchmarks/$name.py" ] && step "$name --quick" 75 env DINOCXR_TRITON_CONFIG=0 "$PY" -m "benchmarks.$name" --quick --json "$json_dir/$name.json"
 done
+# facebookresearch/dino's own step beside ours: its three files travel with the call (run's carry:
+# .dino_ref, ignored by git; copy main_dino.py, utils.py, vision_transformer.py from a checkout).
+dino_repo=${DINO_REPO:-.dino_ref}
+if [ -f "$dino_repo/main_dino.py" ]; then
+  step "bench_dino_reference --quick" 75 env DINOCXR_TRITON_CONFIG=0 "$PY" -m benchmarks.bench_dino_reference \
+    --dino-repo "$dino_repo" --quick --json "$json_dir/bench_dino_reference.json"
+else
+  echo "bench_dino_reference: skipped, no facebookresearch/dino checkout at $dino_repo" >>"$log"
+fi
 
 {
   echo
@@ -72,13 +82,14 @@ done
   echo '```'
 } >>"$report"
 rm -f "$report.steps"
-"$PY" - "$json_dir" "$out/gpu_check_${stamp}.json" "$commit" <<'PY'
+"$PY" - "$json_dir" "$out/gpu_check_${stamp}.json" "$commit" "$(date -u +%Y-%m-%d)" <<'PY'
 import json, sys, pathlib
 records = []
 for f in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
     for r in json.loads(f.read_text()):
         r["commit"] = sys.argv[3]
         r["benchmark"] = f.stem
+        r.setdefault("date", sys.argv[4])
         records.append(r)
 pathlib.Path(sys.argv[2]).write_text(json.dumps(records, indent=2) + "\n")
 print(f"{len(records)} benchmark records -> {sys.argv[2]}")
