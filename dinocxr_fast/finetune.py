@@ -98,7 +98,7 @@ class FinetuneJob(TrainingJob):
             self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
         ) if self.dist.enabled else self.model
         groups = layer_decay_groups(self.model, float(o["layer_decay"]))
-        self.optimizer = dino_build.build_optimizer(o, groups, fused_ok=self.device.type == "cuda")
+        self.optimizer = dino_build.build_optimizer(o, groups, fused_ok=dino_build.fused_optimizer_ok(self.device))
         self.schedules = dino_build.build_schedules(
             {"optim": o, "train": cfg["train"], "dino": {"momentum_teacher": 0.0}}, self.steps_per_epoch,
             self.batch_size * self.dist.world_size)

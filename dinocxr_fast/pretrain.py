@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dinocxr_fast.data import build_eval_loader, build_pretrain_loader
 from dinocxr_fast.dino import DINOLoss
 from dinocxr_fast.dino import build as dino_build
-from dinocxr_fast.dino.ema import ema_update
+from dinocxr_fast.dino.ema import ema_lerp, ema_pairs
 from dinocxr_fast.dino.knn import knn_accuracy
 from dinocxr_fast.runtime import checkpoint as ckpt
 from dinocxr_fast.runtime import data as data_setup
@@ -77,7 +77,7 @@ class PretrainJob(TrainingJob):
         ).to(self.device)
         self.params = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer = dino_build.build_optimizer(
-            cfg["optim"], dino_build.param_groups(self.student), fused_ok=self.device.type == "cuda")
+            cfg["optim"], dino_build.param_groups(self.student), fused_ok=dino_build.fused_optimizer_ok(self.device))
         self.schedules = dino_build.build_schedules(cfg, self.steps_per_epoch, global_batch)
         if t["compile"]:
             self.student_ddp = torch.compile(self.student_ddp)
@@ -85,6 +85,7 @@ class PretrainJob(TrainingJob):
         else:
             self.teacher_fwd = self.teacher
 
+        self.ema_pairs = ema_pairs(self.teacher, self.student)
         if resume is not None:
             self.resume_from(resume)
         self.save_effective_config()
@@ -151,7 +152,7 @@ class PretrainJob(TrainingJob):
         self.scaler.step(self.optimizer)
         self.scaler.update()
         momentum = float(self.schedules["momentum"][it])
-        ema_update(self.teacher, self.student, momentum)
+        ema_lerp(self.ema_pairs, momentum)
         if self.dist.enabled and not self.sync_bn:
             distributed.broadcast_buffers(self.teacher)
         self.step += 1

@@ -5,19 +5,31 @@ import torch
 from torch import nn
 
 
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """teacher = m * teacher + (1 - m) * student, as one fused multi-tensor op per dtype group.
+def ema_pairs(teacher: nn.Module, student: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(teacher parameters, student parameters) paired by name, for ``ema_lerp``.
 
-    Pairs parameters by name (the student may be wrapped in DDP; its ``module`` is used).
-    Buffers (BatchNorm running statistics of the PCM) are the teacher's own: it runs in train
-    mode like DINO's teacher, so its forward passes keep them current.
+    The student may be wrapped in DDP (its ``module`` is used). Computed once per run: the
+    parameters are the same tensors for the whole run, so the step does not walk the modules.
     """
     student = student.module if hasattr(student, "module") else student
     s_params = dict(student.named_parameters())
-    pairs = [(t, s_params[name]) for name, t in teacher.named_parameters()]
-    if len(pairs) != len(s_params):
+    pairs = [(t, s_params.get(name)) for name, t in teacher.named_parameters()]
+    if len(pairs) != len(s_params) or any(s is None for _, s in pairs):
         raise ValueError("teacher and student have different parameters")
-    t_list = [t for t, _ in pairs]
-    s_list = [s.detach() for _, s in pairs]
-    torch._foreach_lerp_(t_list, s_list, 1.0 - float(momentum))
+    return [t for t, _ in pairs], [s.detach() for _, s in pairs]
+
+
+@torch.no_grad()
+def ema_lerp(pairs: tuple[list[torch.Tensor], list[torch.Tensor]], momentum: float) -> None:
+    """teacher = m * teacher + (1 - m) * student, as one fused multi-tensor op per dtype group."""
+    torch._foreach_lerp_(pairs[0], pairs[1], 1.0 - float(momentum))
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """``ema_lerp(ema_pairs(teacher, student), momentum)``.
+
+    Buffers (BatchNorm running statistics of the PCM) are the teacher's own: it runs in train
+    mode like DINO's teacher, so its forward passes keep them current.
+    """
+    ema_lerp(ema_pairs(teacher, student), momentum)
