@@ -5,10 +5,12 @@
 
 #include <omp.h>
 
+#include <cmath>
 #include <limits>
 #include <string>
 #include <tuple>
 
+#include "cpu/bn_act.h"
 #include "cpu/dino_loss.h"
 
 #ifdef DINOCXR_WITH_CUDA
@@ -106,6 +108,83 @@ Tensors dino_loss_cpu(const at::Tensor& student_in, const at::Tensor& teacher_in
   at::Tensor loss = at::scalar_tensor(value, student.options().dtype(acc));
   if (half && need_grad) grad = grad.to(at::kHalf);
   return {loss, grad, tsum};
+}
+
+// ---- BatchNorm + activation on the CPU (csrc/cpu/bn_act.h) ---------------------------------------
+void check_bn_act_matrix(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 2, name, " must be a 2-D [rows, channels] matrix, got ", t.sizes());
+  TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
+}
+
+void check_bn_act_vec(const at::Tensor& t, const char* name, int64_t channels) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.numel() == channels, name, " must have shape [", channels, "], got ",
+                    t.sizes());
+  TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
+}
+
+int bn_act_code(int64_t act) {
+  TORCH_CHECK_VALUE(act >= 0 && act <= 3, "activation must be 0 (none), 1 (silu), 2 (gelu) or 3 (relu), got ", act);
+  return static_cast<int>(act);
+}
+
+// (out [M, C], stats [3, C]: mean hi, mean lo, invstd; new running mean and var [2, C], empty in eval).
+Tensors bn_act_forward_cpu(const at::Tensor& y, const at::Tensor& gamma, const at::Tensor& beta,
+                           const at::Tensor& running_mean, const at::Tensor& running_var, double eps, double momentum,
+                           bool training, int64_t act) {
+  check_bn_act_matrix(y, "y");
+  const int64_t rows = y.size(0), channels = y.size(1);
+  check_bn_act_vec(gamma, "bn_weight", channels);
+  check_bn_act_vec(beta, "bn_bias", channels);
+  check_bn_act_vec(running_mean, "running_mean", channels);
+  check_bn_act_vec(running_var, "running_var", channels);
+  TORCH_CHECK_VALUE(eps >= 0 && std::isfinite(eps), "eps must be a non-negative finite number, got ", eps);
+  TORCH_CHECK_VALUE(std::isfinite(momentum), "momentum must be finite, got ", momentum);
+  TORCH_CHECK_VALUE(rows >= (training ? 2 : 1) && channels >= 1,
+                    "y must have at least ", training ? 2 : 1, " rows and one channel (Expected more than 1 value "
+                    "per channel when training), got ", y.sizes());
+  const dinocxr::cpu::BnActProblem p{rows, channels, bn_act_code(act)};
+  at::Tensor out = at::empty_like(y);
+  at::Tensor stats = at::empty({3, channels}, y.options());
+  at::Tensor running = at::empty({training ? 2 : 0, channels}, y.options());
+  if (training) {
+    dinocxr::cpu::bn_act_forward_train(p, y.data_ptr<float>(), gamma.data_ptr<float>(), beta.data_ptr<float>(), eps,
+                                       momentum, running_mean.data_ptr<float>(), running_var.data_ptr<float>(),
+                                       out.data_ptr<float>(), stats.data_ptr<float>(), running.data_ptr<float>());
+  } else {
+    dinocxr::cpu::bn_act_forward_eval(p, y.data_ptr<float>(), gamma.data_ptr<float>(), beta.data_ptr<float>(), eps,
+                                      running_mean.data_ptr<float>(), running_var.data_ptr<float>(),
+                                      out.data_ptr<float>(), stats.data_ptr<float>());
+  }
+  return {out, stats, running};
+}
+
+// (dy [M, C] or empty when not need_input_grad, dgamma [C], dbeta [C]).
+Tensors bn_act_backward_cpu(const at::Tensor& grad, const at::Tensor& y, const at::Tensor& gamma,
+                            const at::Tensor& beta, const at::Tensor& stats, bool training, int64_t act,
+                            bool need_input_grad) {
+  check_bn_act_matrix(y, "y");
+  check_bn_act_matrix(grad, "grad");
+  TORCH_CHECK_VALUE(grad.sizes() == y.sizes(), "grad must have the shape of y ", y.sizes(), ", got ", grad.sizes());
+  const int64_t rows = y.size(0), channels = y.size(1);
+  TORCH_CHECK_VALUE(rows >= 1 && channels >= 1, "y must not be empty, got ", y.sizes());
+  check_bn_act_vec(gamma, "bn_weight", channels);
+  check_bn_act_vec(beta, "bn_bias", channels);
+  TORCH_CHECK_VALUE(stats.device().is_cpu() && stats.scalar_type() == at::kFloat && stats.is_contiguous() &&
+                        stats.dim() == 2 && stats.size(0) == 3 && stats.size(1) == channels,
+                    "stats must be a contiguous float32 CPU tensor of shape [3, ", channels, "], got ", stats.sizes());
+  const dinocxr::cpu::BnActProblem p{rows, channels, bn_act_code(act)};
+  at::Tensor dy = need_input_grad ? at::empty_like(y) : at::empty({0}, y.options());
+  at::Tensor dgamma = at::empty({channels}, y.options());
+  at::Tensor dbeta = at::empty({channels}, y.options());
+  dinocxr::cpu::bn_act_backward(p, training, grad.data_ptr<float>(), y.data_ptr<float>(), gamma.data_ptr<float>(),
+                                beta.data_ptr<float>(), stats.data_ptr<float>(),
+                                need_input_grad ? dy.data_ptr<float>() : nullptr, dgamma.data_ptr<float>(),
+                                dbeta.data_ptr<float>());
+  return {dy, dgamma, dbeta};
 }
 
 #ifdef DINOCXR_WITH_CUDA
@@ -529,6 +608,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("num_threads", []() { return omp_get_max_threads(); }, "OpenMP threads the CPU kernels use");
   m.def("cpu_isa", []() { return std::string(dinocxr::cpu::active_isa()); },
         "Instruction set of the CPU row kernels: 'avx2' or 'portable'");
-  m.def("force_portable_cpu", &dinocxr::cpu::set_force_portable, py::arg("portable"),
-        "Testing hook: use the portable CPU kernels even where AVX2 is available");
+  m.def("force_portable_cpu", [](bool portable) {
+        dinocxr::cpu::set_force_portable(portable);
+        dinocxr::cpu::set_bn_act_force_portable(portable);
+      }, py::arg("portable"), "Testing hook: use the portable CPU kernels even where AVX2 is available");
+  m.def("bn_act_forward_cpu", &bn_act_forward_cpu,
+        "BatchNorm + activation on a [rows, channels] fp32 matrix: (out, stats [3, C], new running stats [2, C])",
+        py::arg("y"), py::arg("bn_weight"), py::arg("bn_bias"), py::arg("running_mean"), py::arg("running_var"),
+        py::arg("eps"), py::arg("momentum"), py::arg("training"), py::arg("activation"));
+  m.def("bn_act_backward_cpu", &bn_act_backward_cpu, "Backward of bn_act_forward_cpu: (dy, dgamma, dbeta)",
+        py::arg("grad"), py::arg("y"), py::arg("bn_weight"), py::arg("bn_bias"), py::arg("stats"),
+        py::arg("training"), py::arg("activation"), py::arg("need_input_grad"));
+  m.def("bn_act_isa", []() { return std::string(dinocxr::cpu::bn_act_isa()); },
+        "Instruction set of the CPU BatchNorm + activation row kernels: 'avx2' or 'portable'");
 }

@@ -23,6 +23,16 @@ second and third convs normalise their input on the fly while loading it, so the
 activations are never written, and the backward recomputes them; at inference a grouped PCM runs
 as a single kernel. Anything the kernels do not cover falls back to the reference under
 ``backend="auto"`` and is a ``ValueError`` naming the argument under ``backend="cuda"``.
+
+The ``cpp`` backend (CPU) runs the convolution through aten exactly as the reference does
+(``F.conv2d`` on the channels-last NCHW view: oneDNN, ordinary autograd) and BatchNorm + activation
+as one fused op (``ops.bn_act``, csrc/cpu/bn_act*.cpp): in training one read pass for the batch
+statistics and one pass writing the activations (eager: statistics, normalisation, activation, each
+its own pass and its own output tensor), in eval one pass; backward two passes (eager: the
+activation's backward, then BatchNorm's reduction and its elementwise pass). It computes in float32 only: under ``backend="auto"``
+float16 / bfloat16 / float64 inputs, or CPU autocast, run the reference instead; under
+``backend="cpp"`` they are a ``ValueError`` naming the argument. Without BatchNorm it is the
+reference. ``backend="torch"`` (or ``DINOCXR_BACKEND=torch``) is always the pure reference.
 """
 from __future__ import annotations
 
@@ -36,9 +46,12 @@ import torch.nn.functional as F
 from dinocxr_fast import _ext
 from dinocxr_fast.ops import _backend
 from dinocxr_fast.ops._checks import check_same_device, check_tensor
+from dinocxr_fast.ops.bn_act import bn_act_cpu
 
 # Fastest first, per device type; kernels add their names here and a function to _KERNELS.
-IMPLEMENTED = {"cpu": ("torch",), "cuda": ("cuda", "torch")}
+# cpu: "cpp" is there for backend="cpp"; "auto" keeps the reference until benchmarks/bench_bn_act.py
+# shows the cpp backend ahead.
+IMPLEMENTED = {"cpu": ("torch", "cpp"), "cuda": ("cuda", "torch")}
 PCM_IMPLEMENTED = {"cpu": ("torch",), "cuda": ("cuda", "torch")}
 ACTIVATIONS = (None, "silu", "gelu", "relu")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -143,6 +156,8 @@ def conv_bn_act(
     chosen = _backend.resolve("conv_bn_act", backend, device, IMPLEMENTED)
     if chosen == "cuda":
         chosen = _cuda_or_fallback(backend, x, weight, stride, padding, dilation, groups, bn, training)
+    elif chosen == "cpp":
+        chosen = _cpp_or_fallback(backend, x, weight, bias, bn)
     return _KERNELS[chosen](
         x, weight, bias, stride=stride, padding=padding, dilation=dilation, groups=groups, **bn,
         eps=eps, momentum=momentum, training=training, activation=activation,
@@ -834,3 +849,51 @@ def _pcm_cuda(x, weights, biases, bns, strides, groups, training):
 
 
 _KERNELS["cuda"] = _conv_bn_act_cuda
+
+
+# ==============================================================================================
+# cpp backend (CPU): the aten convolution, then BatchNorm + activation fused (ops/bn_act.py)
+# ==============================================================================================
+def _cpp_unsupported(x, weight, bias, bn) -> tuple[str, str] | None:
+    """(argument, why) when the cpp backend does not cover this call, else None."""
+    if torch.is_autocast_enabled("cpu"):
+        return "x", (f"the cpp backend computes in float32, but CPU autocast runs the convolution in "
+                     f"{torch.get_autocast_dtype('cpu')}")
+    for name, t in (("x", x), ("weight", weight), ("bias", bias), *bn.items()):
+        if t is not None and t.dtype != torch.float32:
+            return name, f"the cpp backend computes in float32, {name} is {t.dtype}"
+    return None
+
+
+def _cpp_or_fallback(backend, x, weight, bias, bn) -> str:
+    problem = _cpp_unsupported(x, weight, bias, bn)
+    if problem is None:
+        return "cpp"
+    if backend == "cpp":
+        name, why = problem
+        raise ValueError(f"{name}: {why}")
+    return "torch"
+
+
+def _conv_bn_act_cpp(
+    x, weight, bias=None, *, stride=1, padding=1, dilation=1, groups=1,
+    bn_weight=None, bn_bias=None, running_mean=None, running_var=None,
+    eps=1e-5, momentum=0.1, training=False, activation=None,
+):
+    """The cpp backend of ``conv_bn_act`` (float32, checked by the caller)."""
+    if bn_weight is None:  # nothing to fuse: the convolution and the activation, as the reference
+        return conv_bn_act_reference(x, weight, bias, stride=stride, padding=padding, dilation=dilation,
+                                     groups=groups, activation=activation)
+    y = F.conv2d(x.permute(0, 3, 1, 2), weight, bias, stride, padding, dilation, groups)
+    b, c, h, w = y.shape
+    if y.numel() == 0 or (training and b * h * w <= 1):
+        # Empty, or one value per channel in training: F.batch_norm's behaviour (and error) as it is.
+        y = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
+        return _activate(y, activation).permute(0, 2, 3, 1).contiguous()
+    # B x H' x W' x C: a view when the convolution kept channels-last (it does for C > 1).
+    y2d = y.permute(0, 2, 3, 1).contiguous().view(b * h * w, c)
+    out = bn_act_cpu(y2d, bn_weight, bn_bias, running_mean, running_var, eps, momentum, training, activation)
+    return out.view(b, h, w, c)
+
+
+_KERNELS["cpp"] = _conv_bn_act_cpp
