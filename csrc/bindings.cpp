@@ -553,6 +553,21 @@ at::Tensor pcm_fused_cuda(const at::Tensor& x, const at::Tensor& w1, const at::T
 
 }  // namespace
 
+// The CPU BatchNorm + activation as dispatcher ops: their forward kernels run with no Python in
+// between. Fake (meta) kernels and autograd are registered from Python (dinocxr_fast/ops/bn_act.py,
+// torch.library.register_fake / register_autograd).
+TORCH_LIBRARY_FRAGMENT(dinocxr, m) {
+  m.def("bn_act_cpu(Tensor y, Tensor bn_weight, Tensor bn_bias, Tensor running_mean, Tensor running_var, "
+        "float eps, float momentum, bool training, int activation) -> (Tensor, Tensor, Tensor)");
+  m.def("bn_act_cpu_backward(Tensor grad, Tensor y, Tensor bn_weight, Tensor bn_bias, Tensor stats, "
+        "bool training, int activation, bool need_input_grad) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(dinocxr, CPU, m) {
+  m.impl("bn_act_cpu", &bn_act_forward_cpu);
+  m.impl("bn_act_cpu_backward", &bn_act_backward_cpu);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dinocxr_fast fused ops (C++/OpenMP on the CPU, CUDA when built with it)";
 #ifdef DINOCXR_WITH_CUDA

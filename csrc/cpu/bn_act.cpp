@@ -55,10 +55,10 @@ void bwd_stats_rows(const float* g, const float* y, int64_t n, int64_t c, const 
   rows::bwd_stats_portable(g, y, n, c, ch, act, s1, s2, a, dy);
 }
 
-void bwd_apply_rows(float* dy, const float* y, int64_t n, int64_t c, const BnActChannels& ch, const float* a,
-                    const float* b, const float* k) {
-  if (use_avx2()) return rows::bwd_apply_avx2(dy, y, n, c, ch, a, b, k);
-  rows::bwd_apply_portable(dy, y, n, c, ch, a, b, k);
+void bwd_apply_rows(float* dy, const float* y, int64_t n, int64_t c, const float* hi, const float* a, const float* b,
+                    const float* k) {
+  if (use_avx2()) return rows::bwd_apply_avx2(dy, y, n, c, hi, a, b, k);
+  rows::bwd_apply_portable(dy, y, n, c, hi, a, b, k);
 }
 
 // Sums over this thread's rows of two per-channel quantities, blockwise fp32 -> fp64.
@@ -110,7 +110,7 @@ void apply_portable_t(const float* y, int64_t n, int64_t c, const BnActChannels&
     const float* yr = y + r * c;
     float* o = out + r * c;
 #pragma omp simd
-    for (int64_t j = 0; j < c; ++j) o[j] = act_fwd<A>(((yr[j] - ch.hi[j]) - ch.lo[j]) * ch.gs[j] + ch.beta[j]);
+    for (int64_t j = 0; j < c; ++j) o[j] = act_fwd<A>((yr[j] - ch.hi[j]) * ch.gs[j] + ch.shift[j]);
   }
 }
 
@@ -122,8 +122,8 @@ void bwd_stats_portable_t(const float* g, const float* y, int64_t n, int64_t c, 
     const float* gr = g + r * c;
 #pragma omp simd
     for (int64_t j = 0; j < c; ++j) {
-      const float d = (yr[j] - ch.hi[j]) - ch.lo[j];
-      const float dz = gr[j] * act_grad<A>(d * ch.gs[j] + ch.beta[j]);
+      const float d = yr[j] - ch.hi[j];
+      const float dz = gr[j] * act_grad<A>(d * ch.gs[j] + ch.shift[j]);
       s1[j] += dz;
       s2[j] += dz * d;
       if (dy != nullptr) dy[r * c + j] = a[j] * dz;
@@ -169,13 +169,13 @@ void bwd_stats_portable(const float* g, const float* y, int64_t n, int64_t c, co
 #undef CALL
 }
 
-void bwd_apply_portable(float* dy, const float* y, int64_t n, int64_t c, const BnActChannels& ch, const float* a,
+void bwd_apply_portable(float* dy, const float* y, int64_t n, int64_t c, const float* hi, const float* a,
                         const float* b, const float* k) {
   for (int64_t r = 0; r < n; ++r) {
     const float* yr = y + r * c;
     float* o = dy + r * c;
 #pragma omp simd
-    for (int64_t j = 0; j < c; ++j) o[j] = a[j] * o[j] + b[j] * ((yr[j] - ch.hi[j]) - ch.lo[j]) + k[j];
+    for (int64_t j = 0; j < c; ++j) o[j] = a[j] * o[j] + b[j] * (yr[j] - hi[j]) + k[j];
   }
 }
 
@@ -193,12 +193,12 @@ void bn_act_forward_train(const BnActProblem& p, const float* y, const float* ga
   const int64_t m = p.rows, c = p.channels;
   const int n_threads = pick_threads(m, c);
   std::vector<double> partial(static_cast<size_t>(n_threads) * 2 * c, 0.0);
-  std::vector<float> gs(static_cast<size_t>(c));
+  std::vector<float> gs(static_cast<size_t>(c)), shift(static_cast<size_t>(c));
   float* hi = stats;
   float* lo = stats + c;
   float* invstd = stats + 2 * c;
   const float* ref = y;  // row 0: a sample of each channel, so y - ref is small however large the mean
-  const BnActChannels ch{hi, lo, gs.data(), beta};
+  const BnActChannels ch{hi, gs.data(), shift.data()};
 #pragma omp parallel num_threads(n_threads)
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
@@ -218,14 +218,16 @@ void bn_act_forward_train(const BnActProblem& p, const float* y, const float* ga
           s1 += partial[static_cast<size_t>(i) * 2 * c + j];
           s2 += partial[static_cast<size_t>(i) * 2 * c + c + j];
         }
-        const double shift = s1 * inv_m;
-        const double mean = static_cast<double>(ref[j]) + shift;
-        const double var = std::max(0.0, s2 * inv_m - shift * shift);  // biased
+        const double offset = s1 * inv_m;  // mean - ref
+        const double mean = static_cast<double>(ref[j]) + offset;
+        const double var = std::max(0.0, s2 * inv_m - offset * offset);  // biased
         const double is = 1.0 / std::sqrt(var + eps);
         hi[j] = static_cast<float>(mean);
         lo[j] = static_cast<float>(mean - static_cast<double>(hi[j]));
         invstd[j] = static_cast<float>(is);
-        gs[j] = static_cast<float>(static_cast<double>(gamma[j]) * is);
+        const double g_s = static_cast<double>(gamma[j]) * is;
+        gs[j] = static_cast<float>(g_s);
+        shift[j] = static_cast<float>(static_cast<double>(beta[j]) - static_cast<double>(lo[j]) * g_s);
         if (new_running != nullptr) {
           const double unbiased = var * static_cast<double>(m) / static_cast<double>(m - 1);
           new_running[j] = static_cast<float>(momentum * mean + (1.0 - momentum) * running_mean[j]);
@@ -251,7 +253,7 @@ void bn_act_forward_eval(const BnActProblem& p, const float* y, const float* gam
     invstd[j] = static_cast<float>(is);
     gs[j] = static_cast<float>(static_cast<double>(gamma[j]) * is);
   }
-  const BnActChannels ch{hi, lo, gs.data(), beta};
+  const BnActChannels ch{hi, gs.data(), beta};
   const int n_threads = pick_threads(m, c);
 #pragma omp parallel num_threads(n_threads)
   {
@@ -264,18 +266,22 @@ void bn_act_forward_eval(const BnActProblem& p, const float* y, const float* gam
 void bn_act_backward(const BnActProblem& p, bool training, const float* dout, const float* y, const float* gamma,
                      const float* beta, const float* stats, float* dy, float* dgamma, float* dbeta) {
   const int64_t m = p.rows, c = p.channels;
+  const float* hi = stats;
+  const float* lo = stats + c;
   const float* invstd = stats + 2 * c;
-  std::vector<float> gs(static_cast<size_t>(c)), a(static_cast<size_t>(c)), b(static_cast<size_t>(c)),
-      k(static_cast<size_t>(c)), first(static_cast<size_t>(c));
+  std::vector<float> gs(static_cast<size_t>(c)), shift(static_cast<size_t>(c)), a(static_cast<size_t>(c)),
+      b(static_cast<size_t>(c)), k(static_cast<size_t>(c)), first(static_cast<size_t>(c));
   for (int64_t j = 0; j < c; ++j) {
-    gs[j] = static_cast<float>(static_cast<double>(gamma[j]) * invstd[j]);
+    const double g_s = static_cast<double>(gamma[j]) * invstd[j];
+    gs[j] = static_cast<float>(g_s);
+    shift[j] = static_cast<float>(static_cast<double>(beta[j]) - static_cast<double>(lo[j]) * g_s);
     a[j] = gs[j];
     // The first pass writes first * dz into dy. Eval: that is dy already. Training: dz itself, for
     // the second pass, which then costs no activation derivative (computing act'(z) twice would be
     // slower than the extra write and read).
     first[j] = training ? 1.0f : gs[j];
   }
-  const BnActChannels ch{stats, stats + c, gs.data(), beta};
+  const BnActChannels ch{hi, gs.data(), shift.data()};
   const int n_threads = pick_threads(m, c);
   std::vector<double> partial(static_cast<size_t>(n_threads) * 2 * c, 0.0);
 #pragma omp parallel num_threads(n_threads)
@@ -293,23 +299,25 @@ void bn_act_backward(const BnActProblem& p, bool training, const float* dout, co
     {
       const double inv_m = 1.0 / static_cast<double>(m);
       for (int64_t j = 0; j < c; ++j) {
-        double s1 = 0.0, s2 = 0.0;  // sum dz, sum dz * (y - mean)
+        double s1 = 0.0, s2 = 0.0;  // sum dz, sum dz * (y - hi)
         for (int i = 0; i < n_threads; ++i) {
           s1 += partial[static_cast<size_t>(i) * 2 * c + j];
           s2 += partial[static_cast<size_t>(i) * 2 * c + c + j];
         }
+        s2 -= static_cast<double>(lo[j]) * s1;  // sum dz * (y - mean)
         const double is = invstd[j];
         const double dg = s2 * is;  // sum dz * xhat
         dbeta[j] = static_cast<float>(s1);
         dgamma[j] = static_cast<float>(dg);
-        // dy = gs * (dz - mean(dz) - xhat * mean(dz * xhat)) = a dz + b (y - mean) + k
+        // dy = gs * (dz - mean(dz) - xhat * mean(dz * xhat)) = a dz + b (y - hi) + k
         const double g_s = gs[j];
-        b[j] = static_cast<float>(-g_s * dg * inv_m * is);
-        k[j] = static_cast<float>(-g_s * s1 * inv_m);
+        const double bj = -g_s * dg * inv_m * is;
+        b[j] = static_cast<float>(bj);
+        k[j] = static_cast<float>(-g_s * s1 * inv_m - bj * static_cast<double>(lo[j]));
       }
     }  // implicit barrier
     if (training && dy != nullptr) {
-      bwd_apply_rows(dy + r0 * c, y + r0 * c, r1 - r0, c, ch, a.data(), b.data(), k.data());
+      bwd_apply_rows(dy + r0 * c, y + r0 * c, r1 - r0, c, hi, a.data(), b.data(), k.data());
     }
   }
 }

@@ -43,12 +43,12 @@ void set_bn_act_force_portable(bool portable);
 const char* bn_act_isa();
 
 // ---- row kernels (bn_act.cpp: portable; bn_act_avx2.cpp: AVX2 + FMA) ----------------------------
-// Per-channel arrays of length C. z = ((y - hi) - lo) * gs + beta, with gs = gamma * invstd.
+// Per-channel arrays of length C: z = (y - hi) * gs + shift, with gs = gamma * invstd and
+// shift = beta - lo * gs (the low part of the mean folded into the shift; y - hi is exact near hi).
 struct BnActChannels {
   const float* hi;
-  const float* lo;
   const float* gs;
-  const float* beta;
+  const float* shift;
 };
 
 namespace rows {
@@ -58,15 +58,15 @@ void stats_avx2(const float* y, int64_t n, int64_t c, const float* ref, float* s
 // out = act(z)
 void apply_portable(const float* y, int64_t n, int64_t c, const BnActChannels& ch, int act, float* out);
 void apply_avx2(const float* y, int64_t n, int64_t c, const BnActChannels& ch, int act, float* out);
-// dz = g * act'(z), d = (y - hi) - lo:  s1 += dz;  s2 += dz * d;  and, when dy is non-null, dy = a * dz.
+// dz = g * act'(z), d = y - hi:  s1 += dz;  s2 += dz * d;  and, when dy is non-null, dy = a * dz.
 void bwd_stats_portable(const float* g, const float* y, int64_t n, int64_t c, const BnActChannels& ch, int act,
                         float* s1, float* s2, const float* a, float* dy);
 void bwd_stats_avx2(const float* g, const float* y, int64_t n, int64_t c, const BnActChannels& ch, int act,
                     float* s1, float* s2, const float* a, float* dy);
-// In place: dy holds dz on entry and a * dz + b * d + k on return.
-void bwd_apply_portable(float* dy, const float* y, int64_t n, int64_t c, const BnActChannels& ch, const float* a,
+// In place: dy holds dz on entry and a * dz + b * (y - hi) + k on return.
+void bwd_apply_portable(float* dy, const float* y, int64_t n, int64_t c, const float* hi, const float* a,
                         const float* b, const float* k);
-void bwd_apply_avx2(float* dy, const float* y, int64_t n, int64_t c, const BnActChannels& ch, const float* a,
+void bwd_apply_avx2(float* dy, const float* y, int64_t n, int64_t c, const float* hi, const float* a,
                     const float* b, const float* k);
 }  // namespace rows
 

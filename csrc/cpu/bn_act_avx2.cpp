@@ -15,25 +15,28 @@ namespace dinocxr {
 namespace cpu {
 namespace {
 
-// exp(x) = 2^n exp(r), n = round(x / ln 2), Cephes' polynomial for exp(r) (relative error below
-// 2e-7), as in dino_loss_avx2.cpp; 0 below -87, clamped at 88. min/max put the constant first so a
-// NaN lane stays NaN.
+// exp(x) = 2^n exp(r), n = round(x / ln 2), r by Cody & Waite's two-step reduction, Cephes'
+// polynomial for exp(r) (relative error below 2e-7, as dino_loss_avx2.cpp's exp8) evaluated by
+// Estrin's scheme, and 2^n added to the exponent bits: the dependency chain is what bounds these
+// loops, so it is kept short. x is clamped to [-86.5, 88]: below, the result is ~3e-38 instead of
+// 0 (harmless in 1 + exp(-z) and in erfc, the only uses), above, ~1.65e38. min/max put the
+// constant first so a NaN lane stays NaN.
 inline __m256 exp8(__m256 x) {
-  const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
   __m256 xc = _mm256_min_ps(_mm256_set1_ps(88.0f), x);
-  xc = _mm256_max_ps(_mm256_set1_ps(-87.0f), xc);
-  const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(xc, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  xc = _mm256_max_ps(_mm256_set1_ps(-86.5f), xc);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
   r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(underflow, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+  const __m256 r2 = _mm256_mul_ps(r, r);
+  const __m256 r4 = _mm256_mul_ps(r2, r2);
+  const __m256 a = _mm256_fmadd_ps(_mm256_set1_ps(1.6666665459e-1f), r, _mm256_set1_ps(5.0000001201e-1f));
+  const __m256 b = _mm256_fmadd_ps(_mm256_set1_ps(8.3334519073e-3f), r, _mm256_set1_ps(4.1665795894e-2f));
+  const __m256 c = _mm256_fmadd_ps(_mm256_set1_ps(1.9875691500e-4f), r, _mm256_set1_ps(1.3981999507e-3f));
+  const __m256 poly = _mm256_fmadd_ps(c, r4, _mm256_fmadd_ps(b, r2, a));
+  const __m256 y = _mm256_fmadd_ps(poly, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));  // exp(r) in [0.7, 1.42]
+  const __m256i scale = _mm256_slli_epi32(_mm256_cvttps_epi32(n), 23);
+  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(y), scale));
 }
 
 // 1 / x for x >= 1: the hardware estimate (12 bits) and one Newton step, relative error ~1e-7 at
@@ -41,11 +44,6 @@ inline __m256 exp8(__m256 x) {
 inline __m256 recip8(__m256 x) {
   const __m256 r = _mm256_rcp_ps(x);
   return _mm256_mul_ps(r, _mm256_fnmadd_ps(x, r, _mm256_set1_ps(2.0f)));
-}
-
-inline __m256 sigmoid8(__m256 z) {
-  const __m256 one = _mm256_set1_ps(1.0f);
-  return recip8(_mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), z))));
 }
 
 // Phi(z) = 0.5 (1 + erf(z / sqrt 2)) and exp(-z^2 / 2). erfc(u) for u = |z| / sqrt 2 >= 0 by
@@ -69,9 +67,12 @@ inline __m256 normal_cdf8(__m256 z, __m256* gauss) {
   return _mm256_blendv_ps(half_erfc, upper, positive);
 }
 
+// act(z); nz = -z, computed beside z rather than from it (one step less on the dependency chain).
 template <int A>
-inline __m256 act8(__m256 z) {
-  if constexpr (A == kActSilu) return _mm256_mul_ps(z, sigmoid8(z));
+inline __m256 act8(__m256 z, __m256 nz) {
+  if constexpr (A == kActSilu) {
+    return _mm256_mul_ps(z, recip8(_mm256_add_ps(_mm256_set1_ps(1.0f), exp8(nz))));
+  }
   if constexpr (A == kActGelu) {
     __m256 gauss;
     return _mm256_mul_ps(z, normal_cdf8(z, &gauss));
@@ -82,10 +83,10 @@ inline __m256 act8(__m256 z) {
 
 // dz = g * act'(z)
 template <int A>
-inline __m256 act_grad8(__m256 g, __m256 z) {
+inline __m256 act_grad8(__m256 g, __m256 z, __m256 nz) {
   if constexpr (A == kActSilu) {
-    const __m256 s = sigmoid8(z);
     const __m256 one = _mm256_set1_ps(1.0f);
+    const __m256 s = recip8(_mm256_add_ps(one, exp8(nz)));
     // s (1 + z (1 - s))
     const __m256 d = _mm256_mul_ps(s, _mm256_fmadd_ps(z, _mm256_sub_ps(one, s), one));
     return _mm256_mul_ps(g, d);
@@ -106,13 +107,20 @@ inline __m256i tail_mask(int64_t rem) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(rem)), lanes);
 }
 
-// Loads of the channel parameters for lanes j..j+7 (full or masked).
+// Loads and stores of lanes j..j+7: full, or masked to the last c % 8 channels (a compile-time
+// choice, so the full-vector loop carries no test).
+template <bool Masked>
 struct Lanes {
-  bool masked;
   __m256i mask;
-  inline __m256 load(const float* p) const { return masked ? _mm256_maskload_ps(p, mask) : _mm256_loadu_ps(p); }
+  inline __m256 load(const float* p) const {
+    if constexpr (Masked) {
+      return _mm256_maskload_ps(p, mask);
+    } else {
+      return _mm256_loadu_ps(p);
+    }
+  }
   inline void store(float* p, __m256 v) const {
-    if (masked) {
+    if constexpr (Masked) {
       _mm256_maskstore_ps(p, mask, v);
     } else {
       _mm256_storeu_ps(p, v);
@@ -121,27 +129,36 @@ struct Lanes {
 };
 
 // Calls body(j, lanes) over the channels of a row: full vectors, then one masked vector.
+// body is a generic lambda, instantiated for both kinds of lanes.
 template <typename F>
-inline void for_channels(int64_t c, F body) {
+inline void for_channels(int64_t c, __m256i tail, F&& body) {
   const int64_t vend = c - c % 8;
-  const Lanes full{false, _mm256_setzero_si256()};
-  for (int64_t j = 0; j < vend; j += 8) body(j, full);
-  if (vend < c) body(vend, Lanes{true, tail_mask(c - vend)});
+  for (int64_t j = 0; j < vend; j += 8) body(j, Lanes<false>{tail});
+  if (vend < c) body(vend, Lanes<true>{tail});
 }
 
-// d = (y - hi) - lo
-inline __m256 centred(const Lanes& l, const float* y, const BnActChannels& ch, int64_t j) {
-  return _mm256_sub_ps(_mm256_sub_ps(l.load(y + j), l.load(ch.hi + j)), l.load(ch.lo + j));
+// z = (y - hi) * gs + shift and -z, for lanes j..j+7 of a row; d = y - hi.
+struct Z {
+  __m256 d, z, nz;
+};
+
+template <typename L>
+inline Z affine(const L& l, const float* yr, const BnActChannels& ch, int64_t j) {
+  const __m256 d = _mm256_sub_ps(l.load(yr + j), l.load(ch.hi + j));
+  const __m256 gs = l.load(ch.gs + j), shift = l.load(ch.shift + j);
+  const __m256 nshift = _mm256_xor_ps(shift, _mm256_set1_ps(-0.0f));
+  return {d, _mm256_fmadd_ps(d, gs, shift), _mm256_fnmadd_ps(d, gs, nshift)};
 }
 
 template <int A>
 void apply_t(const float* y, int64_t n, int64_t c, const BnActChannels& ch, float* out) {
+  const __m256i tail = tail_mask(c % 8);
   for (int64_t r = 0; r < n; ++r) {
     const float* yr = y + r * c;
     float* o = out + r * c;
-    for_channels(c, [&](int64_t j, const Lanes& l) {
-      const __m256 z = _mm256_fmadd_ps(centred(l, yr, ch, j), l.load(ch.gs + j), l.load(ch.beta + j));
-      l.store(o + j, act8<A>(z));
+    for_channels(c, tail, [&](int64_t j, const auto& l) {
+      const Z v = affine(l, yr, ch, j);
+      l.store(o + j, act8<A>(v.z, v.nz));
     });
   }
 }
@@ -149,28 +166,16 @@ void apply_t(const float* y, int64_t n, int64_t c, const BnActChannels& ch, floa
 template <int A>
 void bwd_stats_t(const float* g, const float* y, int64_t n, int64_t c, const BnActChannels& ch, float* s1, float* s2,
                  const float* a, float* dy) {
+  const __m256i tail = tail_mask(c % 8);
   for (int64_t r = 0; r < n; ++r) {
     const float* yr = y + r * c;
     const float* gr = g + r * c;
-    for_channels(c, [&](int64_t j, const Lanes& l) {
-      const __m256 d = centred(l, yr, ch, j);
-      const __m256 z = _mm256_fmadd_ps(d, l.load(ch.gs + j), l.load(ch.beta + j));
-      const __m256 dz = act_grad8<A>(l.load(gr + j), z);
+    for_channels(c, tail, [&](int64_t j, const auto& l) {
+      const Z v = affine(l, yr, ch, j);
+      const __m256 dz = act_grad8<A>(l.load(gr + j), v.z, v.nz);
       l.store(s1 + j, _mm256_add_ps(l.load(s1 + j), dz));
-      l.store(s2 + j, _mm256_fmadd_ps(dz, d, l.load(s2 + j)));
+      l.store(s2 + j, _mm256_fmadd_ps(dz, v.d, l.load(s2 + j)));
       if (dy != nullptr) l.store(dy + r * c + j, _mm256_mul_ps(l.load(a + j), dz));
-    });
-  }
-}
-
-void bwd_apply_impl(float* dy, const float* y, int64_t n, int64_t c, const BnActChannels& ch, const float* a,
-                    const float* b, const float* k) {
-  for (int64_t r = 0; r < n; ++r) {
-    const float* yr = y + r * c;
-    float* o = dy + r * c;
-    for_channels(c, [&](int64_t j, const Lanes& l) {
-      const __m256 d = centred(l, yr, ch, j);
-      l.store(o + j, _mm256_fmadd_ps(l.load(a + j), l.load(o + j), _mm256_fmadd_ps(l.load(b + j), d, l.load(k + j))));
     });
   }
 }
@@ -180,9 +185,10 @@ void bwd_apply_impl(float* dy, const float* y, int64_t n, int64_t c, const BnAct
 namespace rows {
 
 void stats_avx2(const float* y, int64_t n, int64_t c, const float* ref, float* s1, float* s2) {
+  const __m256i tail = tail_mask(c % 8);
   for (int64_t r = 0; r < n; ++r) {
     const float* yr = y + r * c;
-    for_channels(c, [&](int64_t j, const Lanes& l) {
+    for_channels(c, tail, [&](int64_t j, const auto& l) {
       const __m256 d = _mm256_sub_ps(l.load(yr + j), l.load(ref + j));
       l.store(s1 + j, _mm256_add_ps(l.load(s1 + j), d));
       l.store(s2 + j, _mm256_fmadd_ps(d, d, l.load(s2 + j)));
@@ -211,9 +217,17 @@ void bwd_stats_avx2(const float* g, const float* y, int64_t n, int64_t c, const 
 #undef CALL
 }
 
-void bwd_apply_avx2(float* dy, const float* y, int64_t n, int64_t c, const BnActChannels& ch, const float* a,
+void bwd_apply_avx2(float* dy, const float* y, int64_t n, int64_t c, const float* hi, const float* a,
                     const float* b, const float* k) {
-  bwd_apply_impl(dy, y, n, c, ch, a, b, k);
+  const __m256i tail = tail_mask(c % 8);
+  for (int64_t r = 0; r < n; ++r) {
+    const float* yr = y + r * c;
+    float* o = dy + r * c;
+    for_channels(c, tail, [&](int64_t j, const auto& l) {
+      const __m256 d = _mm256_sub_ps(l.load(yr + j), l.load(hi + j));
+      l.store(o + j, _mm256_fmadd_ps(l.load(a + j), l.load(o + j), _mm256_fmadd_ps(l.load(b + j), d, l.load(k + j))));
+    });
+  }
 }
 
 #undef DINOCXR_BN_ACT_SWITCH

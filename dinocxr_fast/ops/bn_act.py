@@ -19,7 +19,7 @@ csrc/cpu/bn_act*.cpp (AVX2 + FMA with a portable fallback, OpenMP over rows):
   computing ``act'(z)`` a second time); eval: one pass for all of it.
 
 Per-channel sums are reduced in thread order: results are deterministic for a given thread count.
-One autograd entry (``torch.library`` op with ``register_autograd``); the backward is an op too.
+One autograd entry (a ``torch.library`` op with ``register_autograd``); the backward is an op too.
 """
 from __future__ import annotations
 
@@ -30,36 +30,20 @@ from dinocxr_fast import _ext
 ACT_CODE = {None: 0, "silu": 1, "gelu": 2, "relu": 3}
 
 
-@torch.library.custom_op("dinocxr::bn_act_cpu", mutates_args=())
-def _bn_act_op(
-    y: torch.Tensor, bn_weight: torch.Tensor, bn_bias: torch.Tensor, running_mean: torch.Tensor,
-    running_var: torch.Tensor, eps: float, momentum: float, training: bool, activation: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out [M, C], stats [3, C] = mean hi, mean lo, invstd, new running mean / var [2, C] or empty)."""
-    return tuple(_ext.require().bn_act_forward_cpu(
-        y, bn_weight, bn_bias, running_mean, running_var, eps, momentum, training, activation
-    ))
-
-
-@_bn_act_op.register_fake
-def _(y, bn_weight, bn_bias, running_mean, running_var, eps, momentum, training, activation):
+# The two ops are defined and given their CPU kernels in C++ (csrc/bindings.cpp, TORCH_LIBRARY_FRAGMENT),
+# so a call reaches the kernel without a Python layer; their fake kernels and the autograd formula
+# are registered here.
+#   dinocxr::bn_act_cpu(y, bn_weight, bn_bias, running_mean, running_var, eps, momentum, training,
+#       activation) -> (out [M, C], stats [3, C] = mean hi, mean lo, invstd,
+#                       new running mean / var [2, C], or [0, C] in eval)
+#   dinocxr::bn_act_cpu_backward(grad, y, bn_weight, bn_bias, stats, training, activation,
+#       need_input_grad) -> (dy [M, C] or empty, dgamma [C], dbeta [C])
+def _fake_forward(y, bn_weight, bn_bias, running_mean, running_var, eps, momentum, training, activation):
     c = y.shape[1]
     return torch.empty_like(y), y.new_empty((3, c)), y.new_empty((2 if training else 0, c))
 
 
-@torch.library.custom_op("dinocxr::bn_act_cpu_backward", mutates_args=())
-def _bn_act_backward_op(
-    grad: torch.Tensor, y: torch.Tensor, bn_weight: torch.Tensor, bn_bias: torch.Tensor, stats: torch.Tensor,
-    training: bool, activation: int, need_input_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dy [M, C] or empty, dgamma [C], dbeta [C])."""
-    return tuple(_ext.require().bn_act_backward_cpu(
-        grad, y, bn_weight, bn_bias, stats, training, activation, need_input_grad
-    ))
-
-
-@_bn_act_backward_op.register_fake
-def _(grad, y, bn_weight, bn_bias, stats, training, activation, need_input_grad):
+def _fake_backward(grad, y, bn_weight, bn_bias, stats, training, activation, need_input_grad):
     c = y.shape[1]
     return (torch.empty_like(y) if need_input_grad else y.new_empty(0)), y.new_empty(c), y.new_empty(c)
 
@@ -79,7 +63,13 @@ def _backward(ctx, grad, _grad_stats, _grad_running):
     return (dy if need[0] else None, dgamma if need[1] else None, dbeta if need[2] else None) + (None,) * 6
 
 
-_bn_act_op.register_autograd(_backward, setup_context=_setup_context)
+_bn_act_op = _bn_act_backward_op = None
+if _ext.has_cpp():  # loading the extension defines the ops
+    _bn_act_op = torch.ops.dinocxr.bn_act_cpu.default
+    _bn_act_backward_op = torch.ops.dinocxr.bn_act_cpu_backward.default
+    torch.library.register_fake("dinocxr::bn_act_cpu", _fake_forward)
+    torch.library.register_fake("dinocxr::bn_act_cpu_backward", _fake_backward)
+    torch.library.register_autograd("dinocxr::bn_act_cpu", _backward, setup_context=_setup_context)
 
 
 def bn_act_cpu(
@@ -98,6 +88,8 @@ def bn_act_cpu(
     Updates ``running_mean`` / ``running_var`` in place when ``training``. The caller checks dtypes
     and shapes (``conv_bn_act`` does); the extension rejects anything else with a ValueError.
     """
+    if _bn_act_op is None:
+        _ext.require()  # raises, naming why the extension is missing
     out, _, running = _bn_act_op(
         y, bn_weight.contiguous(), bn_bias.contiguous(), running_mean.detach().contiguous(),
         running_var.detach().contiguous(), float(eps), float(momentum), bool(training), ACT_CODE[activation],
