@@ -195,7 +195,8 @@ def test_no_batch_norm_is_the_reference():
                                    rtol=0, atol=0)
 
 
-def test_torch_is_the_pure_reference(monkeypatch):
+def test_auto_picks_cpp_and_torch_is_the_pure_reference(monkeypatch):
+    assert _backend.resolve("conv_bn_act", "auto", torch.device("cpu"), conv_mod.IMPLEMENTED) == "cpp"
     case = make_case(2, 6, 6, 4, 8, 1)
     want = run(case, backend="reference", dtype=torch.float32, training=True, activation="silu")
     for how in ("argument", "environment"):
