@@ -2,9 +2,9 @@
 // whose NCHW view has channels-last strides): see dinocxr_fast/ops/conv_bn_act.py for the math.
 // Raw pointers only: argument checks and tensor handling live in csrc/bindings.cpp.
 //
-// The per-channel mean is carried as two floats, hi + lo (hi = float(mean), lo = float(mean - hi)),
-// so that y - mean is computed as (y - hi) - lo: exact for y near hi, which keeps the normalised
-// values accurate when the mean is large against the spread (values 1000 + N(0, 1)).
+// The per-channel mean is carried as two floats, hi + lo (hi = float(mean), lo = float(mean - hi)):
+// the kernels compute y - hi, exact for y near hi, and fold lo into per-channel constants, which
+// keeps the normalised values accurate when the mean is large against the spread (1000 + N(0, 1)).
 #pragma once
 
 #include <cstdint>
