@@ -317,3 +317,56 @@ def test_custom_ops_pass_opcheck():
         _, stats, _ = bn_act_mod._bn_act_op(*args)
         bargs = (torch.randn(40, 12), y.detach(), g.detach(), b.detach(), stats, training, 1, True)
         torch.library.opcheck(bn_act_mod._bn_act_backward_op, bargs, test_utils=("test_schema", "test_faketensor"))
+
+
+# ---- the whole PCM chain (ops.pcm) on the CPU: three conv_bn_act calls on the cpp backend ----
+def _pcm_case(dtype, *, groups=2, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    chans = (4, 8, 4, 4)
+    x = torch.randn(2, 7, 5, chans[0], generator=gen).to(dtype).requires_grad_()
+    weights = [(torch.randn(chans[i + 1], chans[i] // groups, 3, 3, generator=gen) * 0.3).to(dtype).requires_grad_()
+               for i in range(3)]
+    biases = [(torch.randn(chans[i + 1], generator=gen) * 0.1).to(dtype).requires_grad_() for i in range(3)]
+    bns = []
+    for c in chans[1:3]:
+        bns.append([(torch.rand(c, generator=gen) + 0.5).to(dtype).requires_grad_(),
+                    (torch.randn(c, generator=gen) * 0.5).to(dtype).requires_grad_(),
+                    torch.zeros(c, dtype=dtype), torch.ones(c, dtype=dtype), 1e-5, 0.1])
+    return x, weights, biases, bns
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_pcm_chain_on_cpp_matches_fp64_reference(training):
+    pcm_op = conv_mod.pcm
+    got_in, want_in = _pcm_case(torch.float32), _pcm_case(torch.float64)
+    strides = (2, 1, 1)
+    got = pcm_op(got_in[0], got_in[1], got_in[2], *got_in[3], strides=strides, groups=2, training=training,
+                 backend="cpp")
+    want = conv_mod.pcm_reference(want_in[0], want_in[1], want_in[2], *want_in[3], strides=strides, groups=2,
+                                  training=training)
+    torch.testing.assert_close(got, want.float(), rtol=2e-5, atol=2e-5)
+    grad = torch.randn(got.shape, generator=torch.Generator().manual_seed(9))
+    got.backward(grad)
+    want.backward(grad.double())
+    leaves = lambda case: [case[0], *case[1], *case[2], *(t for bn in case[3] for t in bn[:2])]  # noqa: E731
+    for g, w in zip(leaves(got_in), leaves(want_in)):
+        # at least 1: a conv bias under a training BatchNorm has a zero gradient in exact arithmetic
+        scale = max(float(w.grad.abs().max()), 1.0)
+        torch.testing.assert_close(g.grad / scale, (w.grad / scale).float(), rtol=0, atol=5e-5)
+    for g_bn, w_bn in zip(got_in[3], want_in[3]):  # running statistics
+        torch.testing.assert_close(g_bn[2], w_bn[2].float(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g_bn[3], w_bn[3].float(), rtol=1e-5, atol=1e-6)
+
+
+def test_pcm_auto_on_cpu_takes_cpp_and_cpp_refuses_bf16(monkeypatch):
+    calls = []
+    real = conv_mod._pcm_chain
+    monkeypatch.setattr(conv_mod, "_pcm_chain", lambda *a: calls.append(a[-1]) or real(*a))
+    x, weights, biases, bns = _pcm_case(torch.float32)
+    conv_mod.pcm(x, weights, biases, *bns, groups=2, training=True)
+    assert calls == ["auto"]
+    xb, wb, bb, bnb = _pcm_case(torch.bfloat16)
+    out = conv_mod.pcm(xb, wb, bb, *bnb, groups=2, training=True)  # auto: each conv falls back
+    assert out.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="x"):
+        conv_mod.pcm(xb, wb, bb, *bnb, groups=2, training=True, backend="cpp")

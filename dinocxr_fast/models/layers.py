@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from dinocxr_fast.ops.attention import attention, attention_probs, window_attention
-from dinocxr_fast.ops.conv_bn_act import conv_bn_act
+from dinocxr_fast.ops.conv_bn_act import conv_bn_act, pcm_modules
 
 
 class DropPath(nn.Module):
@@ -92,7 +92,8 @@ class ParallelConv(nn.Module):
         self.conv3 = ConvBNAct(c2, c3, stride=strides[2], groups=groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv3(self.conv2(self.conv1(x)))
+        # One op for the chain: the CUDA backend normalises in the next conv's prologue.
+        return pcm_modules(x, self.conv1, self.conv2, self.conv3)
 
 
 class PyramidReduction(nn.Module):

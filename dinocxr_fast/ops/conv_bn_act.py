@@ -52,7 +52,7 @@ from dinocxr_fast.ops.bn_act import bn_act_cpu
 # cpu: "cpp" first: benchmarks/bench_bn_act.py measures it ahead of the reference on the ViTAEv2
 # PCM shapes at batch 64 (BatchNorm + SiLU 1.2-1.6x, conv + BatchNorm + SiLU 1.0-1.3x, 2-core EPYC).
 IMPLEMENTED = {"cpu": ("cpp", "torch"), "cuda": ("cuda", "torch")}
-PCM_IMPLEMENTED = {"cpu": ("torch",), "cuda": ("cuda", "torch")}
+PCM_IMPLEMENTED = {"cpu": ("cpp", "torch"), "cuda": ("cuda", "torch")}
 ACTIVATIONS = (None, "silu", "gelu", "relu")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -233,6 +233,8 @@ def pcm(
                 break
     if chosen == "torch":
         return pcm_reference(x, weights, biases, bn1, bn2, strides=strides, groups=groups, training=(t1, t2))
+    if chosen == "cpp":  # the CPU has no whole-chain kernel: three conv_bn_act calls, BN+SiLU fused in each
+        return _pcm_chain(x, weights, biases, bns, strides, groups, (t1, t2), backend)
     return _pcm_cuda(x, weights, biases, bns, [int(s if isinstance(s, int) else s[0]) for s in strides], groups,
                      (t1, t2))
 
@@ -269,6 +271,19 @@ def pcm_modules(x: torch.Tensor, conv1, conv2, conv3, backend: str = "auto") -> 
         strides=[c.stride[0] for c in convs], groups=convs[0].groups,
         training=(conv1.bn.training, conv2.bn.training), backend=backend,
     )
+
+
+def _pcm_chain(x, weights, biases, bns, strides, groups, training, backend):
+    """The PCM as three ``conv_bn_act`` calls on ``backend`` ("auto" lets each conv fall back)."""
+    y = x
+    for i in range(3):
+        bn = {}
+        if i < 2:
+            w, b, mean, var, eps, momentum = bns[i]
+            bn = dict(bn_weight=w, bn_bias=b, running_mean=mean, running_var=var, eps=eps, momentum=momentum,
+                      training=training[i], activation="silu")
+        y = conv_bn_act(y, weights[i], biases[i], stride=strides[i], padding=1, groups=groups, backend=backend, **bn)
+    return y
 
 
 def _two_flags(training) -> tuple[bool, bool]:
