@@ -86,6 +86,7 @@ class PretrainJob(TrainingJob):
             self.teacher_fwd = self.teacher
 
         self.ema_pairs = ema_pairs(self.teacher, self.student)
+        self._finite_since_check: torch.Tensor | None = None
         if resume is not None:
             self.resume_from(resume)
         self.save_effective_config()
@@ -133,9 +134,18 @@ class PretrainJob(TrainingJob):
             loss = self.dino_loss(student_out, teacher_out, epoch)
         except ValueError as exc:  # the CPU check names the non-finite argument
             raise self._non_finite(views, str(exc), student_out, teacher_out) from None
+        # A device-side flag over the steps since the last check: checking every N steps (one host
+        # sync each) still catches a non-finite loss at any step, N - 1 steps late at most.
+        finite = torch.isfinite(loss.detach())
+        self._finite_since_check = finite if self._finite_since_check is None else self._finite_since_check & finite
         check_every = max(int(self.cfg["train"]["loss_check_every"]), 1)
-        if it % check_every == 0 and not math.isfinite(loss.item()):
-            raise self._non_finite(views, "the loss is not finite", student_out, teacher_out)
+        if it % check_every == 0:
+            all_finite, self._finite_since_check = bool(self._finite_since_check), None
+            if not all_finite:
+                what = "the loss is not finite" if not math.isfinite(loss.item()) else (
+                    f"the loss was not finite at one of steps {max(it - check_every + 1, 0)}..{it - 1} "
+                    f"(checked every {check_every} steps: train.loss_check_every)")
+                raise self._non_finite(views, what, student_out, teacher_out)
         return loss, student_out, teacher_out
 
     def backward(self, loss: torch.Tensor) -> None:

@@ -91,6 +91,30 @@ def test_missing_data_path_is_a_clear_error(tmp_path, capsys):
     assert "error:" in err and str(missing) in err
 
 
+def test_loss_checked_every_n_steps_still_catches_every_step(tmp_path, monkeypatch, capsys):
+    """train.loss_check_every=4 syncs once per 4 steps; a non-finite loss at a step in between is
+    reported at the next check, naming the steps (the weights here stay finite: only the loss value
+    is poisoned, so the checkpoint at the check is the real state)."""
+    from dinocxr_fast.dino import DINOLoss
+
+    original = DINOLoss.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        loss = original(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:  # step 1: the value only (a detached NaN adds nothing to the gradient)
+            loss = loss + torch.tensor(float("nan")).detach()
+        return loss
+
+    monkeypatch.setattr(DINOLoss, "forward", poisoned)
+    run = tmp_path / "run"
+    assert train.main(["--out", str(run), *FAST, "--set", "train.ckpt_every=100",
+                       "--set", "train.loss_check_every=4"]) == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss at step 4" in err and "one of steps 1..3" in err
+
+
 def test_non_finite_loss_stops_after_saving_last_good_state(tmp_path, monkeypatch, capsys):
     from dinocxr_fast.models import MultiCropWrapper
 
