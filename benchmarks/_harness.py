@@ -178,8 +178,9 @@ def run_metadata() -> dict:
             return ""
 
     commit = os.environ.get("DINOCXR_COMMIT") or git("rev-parse", "--short", "HEAD") or "unknown"
-    if "DINOCXR_COMMIT" not in os.environ and commit != "unknown" and git("status", "--porcelain", "--untracked-files=no", "--", "dinocxr_fast", "csrc",
-                                   "kernels", "benchmarks"):
+    code = ("dinocxr_fast", "csrc", "kernels", "benchmarks", ":(exclude)benchmarks/results")  # results are not code
+    if "DINOCXR_COMMIT" not in os.environ and commit != "unknown" and git("status", "--porcelain",
+                                                                          "--untracked-files=no", "--", *code):
         commit += "-dirty"
     module = Path(sys.argv[0]).stem
     command = " ".join(["python -m benchmarks." + module if module.startswith("bench") else sys.argv[0],

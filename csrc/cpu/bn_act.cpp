@@ -148,14 +148,6 @@ void stats_portable(const float* y, int64_t n, int64_t c, const float* ref, floa
   }
 }
 
-#define DINOCXR_BN_ACT_SWITCH(act, CALL) \
-  switch (act) {                         \
-    case kActSilu: CALL(kActSilu); break; \
-    case kActGelu: CALL(kActGelu); break; \
-    case kActRelu: CALL(kActRelu); break; \
-    default: CALL(kActNone); break;       \
-  }
-
 void apply_portable(const float* y, int64_t n, int64_t c, const BnActChannels& ch, int act, float* out) {
 #define CALL(A) apply_portable_t<A>(y, n, c, ch, out)
   DINOCXR_BN_ACT_SWITCH(act, CALL)
@@ -178,8 +170,6 @@ void bwd_apply_portable(float* dy, const float* y, int64_t n, int64_t c, const f
     for (int64_t j = 0; j < c; ++j) o[j] = a[j] * o[j] + b[j] * (yr[j] - hi[j]) + k[j];
   }
 }
-
-#undef DINOCXR_BN_ACT_SWITCH
 
 }  // namespace rows
 

@@ -14,6 +14,15 @@ namespace cpu {
 
 enum BnAct : int { kActNone = 0, kActSilu = 1, kActGelu = 2, kActRelu = 3 };
 
+// Calls CALL(A) with the activation as a compile-time constant (the row kernels are templates on it).
+#define DINOCXR_BN_ACT_SWITCH(act, CALL) \
+  switch (act) {                         \
+    case kActSilu: CALL(kActSilu); break; \
+    case kActGelu: CALL(kActGelu); break; \
+    case kActRelu: CALL(kActRelu); break; \
+    default: CALL(kActNone); break;       \
+  }
+
 struct BnActProblem {
   int64_t rows;      // M = B * H' * W'
   int64_t channels;  // C

@@ -196,14 +196,6 @@ void stats_avx2(const float* y, int64_t n, int64_t c, const float* ref, float* s
   }
 }
 
-#define DINOCXR_BN_ACT_SWITCH(act, CALL) \
-  switch (act) {                         \
-    case kActSilu: CALL(kActSilu); break; \
-    case kActGelu: CALL(kActGelu); break; \
-    case kActRelu: CALL(kActRelu); break; \
-    default: CALL(kActNone); break;       \
-  }
-
 void apply_avx2(const float* y, int64_t n, int64_t c, const BnActChannels& ch, int act, float* out) {
 #define CALL(A) apply_t<A>(y, n, c, ch, out)
   DINOCXR_BN_ACT_SWITCH(act, CALL)
@@ -229,8 +221,6 @@ void bwd_apply_avx2(float* dy, const float* y, int64_t n, int64_t c, const float
     });
   }
 }
-
-#undef DINOCXR_BN_ACT_SWITCH
 
 }  // namespace rows
 }  // namespace cpu
