@@ -153,6 +153,13 @@ def conv_bn_act(
     """act(BN(conv(x))) with ``x`` and the result B x H x W x C (channels last)."""
     bn = {"bn_weight": bn_weight, "bn_bias": bn_bias, "running_mean": running_mean, "running_var": running_var}
     device = _validate(x, weight, bias, stride, padding, dilation, groups, bn, activation)
+    return _dispatch(x, weight, bias, stride, padding, dilation, groups, bn, eps, momentum, training, activation,
+                     backend, device)
+
+
+def _dispatch(x, weight, bias, stride, padding, dilation, groups, bn, eps, momentum, training, activation, backend,
+              device):
+    """conv_bn_act after validation: pick the backend (with its fallbacks) and run it."""
     chosen = _backend.resolve("conv_bn_act", backend, device, IMPLEMENTED)
     if chosen == "cuda":
         chosen = _cuda_or_fallback(backend, x, weight, stride, padding, dilation, groups, bn, training)
@@ -274,15 +281,19 @@ def pcm_modules(x: torch.Tensor, conv1, conv2, conv3, backend: str = "auto") -> 
 
 
 def _pcm_chain(x, weights, biases, bns, strides, groups, training, backend):
-    """The PCM as three ``conv_bn_act`` calls on ``backend`` ("auto" lets each conv fall back)."""
+    """The PCM as three conv_bn_act calls on ``backend`` ("auto" lets each conv fall back); ``pcm``
+    has validated every conv already, so they go straight to the dispatch."""
     y = x
     for i in range(3):
-        bn = {}
         if i < 2:
             w, b, mean, var, eps, momentum = bns[i]
-            bn = dict(bn_weight=w, bn_bias=b, running_mean=mean, running_var=var, eps=eps, momentum=momentum,
-                      training=training[i], activation="silu")
-        y = conv_bn_act(y, weights[i], biases[i], stride=strides[i], padding=1, groups=groups, backend=backend, **bn)
+            bn = {"bn_weight": w, "bn_bias": b, "running_mean": mean, "running_var": var}
+            y = _dispatch(y, weights[i], biases[i], strides[i], 1, 1, groups, bn, eps, momentum, training[i], "silu",
+                          backend, y.device)
+        else:
+            bn = {"bn_weight": None, "bn_bias": None, "running_mean": None, "running_var": None}
+            y = _dispatch(y, weights[i], biases[i], strides[i], 1, 1, groups, bn, 1e-5, 0.1, False, None, backend,
+                          y.device)
     return y
 
 
