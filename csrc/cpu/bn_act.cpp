@@ -78,6 +78,27 @@ void thread_sums(int64_t r0, int64_t r1, int64_t c, double* d1, double* d2, F su
   }
 }
 
+// Inside a parallel region: this thread's rows [*r0, *r1) and their two per-channel sums, into the
+// thread's slice of `partial` (n_threads x 2 x c doubles).
+template <typename F>
+void sum_own_rows(int64_t m, int64_t c, std::vector<double>& partial, int64_t* r0, int64_t* r1, F sum_block) {
+  const int t = omp_get_thread_num();
+  row_range(m, t, omp_get_num_threads(), r0, r1);
+  double* d = partial.data() + static_cast<size_t>(t) * 2 * c;
+  thread_sums(*r0, *r1, c, d, d + c, sum_block);
+}
+
+// Channel j's two sums over all threads, added in thread order: deterministic for a thread count.
+inline void channel_sums(const std::vector<double>& partial, int n_threads, int64_t c, int64_t j, double* s1,
+                         double* s2) {
+  *s1 = 0.0;
+  *s2 = 0.0;
+  for (int i = 0; i < n_threads; ++i) {
+    *s1 += partial[static_cast<size_t>(i) * 2 * c + j];
+    *s2 += partial[static_cast<size_t>(i) * 2 * c + c + j];
+  }
+}
+
 // ---- scalar activations (portable kernels) -------------------------------------------------------
 constexpr float kInvSqrt2 = 0.70710678118654752440f;
 constexpr float kInvSqrt2Pi = 0.39894228040143267794f;
@@ -191,11 +212,8 @@ void bn_act_forward_train(const BnActProblem& p, const float* y, const float* ga
   const BnActChannels ch{hi, gs.data(), shift.data()};
 #pragma omp parallel num_threads(n_threads)
   {
-    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
     int64_t r0, r1;
-    row_range(m, t, nt, &r0, &r1);
-    double* d1 = partial.data() + static_cast<size_t>(t) * 2 * c;
-    thread_sums(r0, r1, c, d1, d1 + c, [&](int64_t r, int64_t n, float* s1, float* s2) {
+    sum_own_rows(m, c, partial, &r0, &r1, [&](int64_t r, int64_t n, float* s1, float* s2) {
       stats_rows(y + r * c, n, c, ref, s1, s2);
     });
 #pragma omp barrier
@@ -203,11 +221,8 @@ void bn_act_forward_train(const BnActProblem& p, const float* y, const float* ga
     {
       const double inv_m = 1.0 / static_cast<double>(m);
       for (int64_t j = 0; j < c; ++j) {
-        double s1 = 0.0, s2 = 0.0;
-        for (int i = 0; i < n_threads; ++i) {
-          s1 += partial[static_cast<size_t>(i) * 2 * c + j];
-          s2 += partial[static_cast<size_t>(i) * 2 * c + c + j];
-        }
+        double s1, s2;
+        channel_sums(partial, n_threads, c, j, &s1, &s2);
         const double offset = s1 * inv_m;  // mean - ref
         const double mean = static_cast<double>(ref[j]) + offset;
         const double var = std::max(0.0, s2 * inv_m - offset * offset);  // biased
@@ -276,11 +291,8 @@ void bn_act_backward(const BnActProblem& p, bool training, const float* dout, co
   std::vector<double> partial(static_cast<size_t>(n_threads) * 2 * c, 0.0);
 #pragma omp parallel num_threads(n_threads)
   {
-    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
     int64_t r0, r1;
-    row_range(m, t, nt, &r0, &r1);
-    double* d1 = partial.data() + static_cast<size_t>(t) * 2 * c;
-    thread_sums(r0, r1, c, d1, d1 + c, [&](int64_t r, int64_t n, float* s1, float* s2) {
+    sum_own_rows(m, c, partial, &r0, &r1, [&](int64_t r, int64_t n, float* s1, float* s2) {
       bwd_stats_rows(dout + r * c, y + r * c, n, c, ch, p.act, s1, s2, first.data(),
                      dy != nullptr ? dy + r * c : nullptr);
     });
@@ -289,11 +301,8 @@ void bn_act_backward(const BnActProblem& p, bool training, const float* dout, co
     {
       const double inv_m = 1.0 / static_cast<double>(m);
       for (int64_t j = 0; j < c; ++j) {
-        double s1 = 0.0, s2 = 0.0;  // sum dz, sum dz * (y - hi)
-        for (int i = 0; i < n_threads; ++i) {
-          s1 += partial[static_cast<size_t>(i) * 2 * c + j];
-          s2 += partial[static_cast<size_t>(i) * 2 * c + c + j];
-        }
+        double s1, s2;  // sum dz, sum dz * (y - hi)
+        channel_sums(partial, n_threads, c, j, &s1, &s2);
         s2 -= static_cast<double>(lo[j]) * s1;  // sum dz * (y - mean)
         const double is = invstd[j];
         const double dg = s2 * is;  // sum dz * xhat

@@ -21,15 +21,9 @@ def ema_pairs(teacher: nn.Module, student: nn.Module) -> tuple[list[torch.Tensor
 
 @torch.no_grad()
 def ema_lerp(pairs: tuple[list[torch.Tensor], list[torch.Tensor]], momentum: float) -> None:
-    """teacher = m * teacher + (1 - m) * student, as one fused multi-tensor op per dtype group."""
-    torch._foreach_lerp_(pairs[0], pairs[1], 1.0 - float(momentum))
+    """teacher = m * teacher + (1 - m) * student, as one fused multi-tensor op per dtype group.
 
-
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """``ema_lerp(ema_pairs(teacher, student), momentum)``.
-
-    Buffers (BatchNorm running statistics of the PCM) are the teacher's own: it runs in train
-    mode like DINO's teacher, so its forward passes keep them current.
+    Parameters only: the teacher's buffers (BatchNorm running statistics of the PCM) are its own;
+    it runs in train mode like DINO's teacher, so its forward passes keep them current.
     """
-    ema_lerp(ema_pairs(teacher, student), momentum)
+    torch._foreach_lerp_(pairs[0], pairs[1], 1.0 - float(momentum))
