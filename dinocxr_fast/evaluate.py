@@ -7,7 +7,9 @@ bootstrap interval), ``roc.png`` and ``confusion.png``.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -16,6 +18,8 @@ import numpy as np
 import torch
 
 from dinocxr_fast.metrics import SCALAR_METRICS, bootstrap_ci, classification_metrics, roc_curve
+
+log = logging.getLogger("dinocxr_fast.evaluate")
 
 
 def evaluate_predictions(y_true: np.ndarray, probs: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict:
@@ -67,15 +71,43 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path, title: st
     plt.close(fig)
 
 
+def write_predictions(path: Path, paths: Sequence[str], y_true: np.ndarray, probs: np.ndarray,
+                      classes: Sequence[str]) -> None:
+    """One row per image: path, true label, and the probability of each class."""
+    if len(paths) != len(y_true):  # the loader skipped unreadable files: rows no longer map to paths
+        log.warning("not writing %s: %d predictions for %d files (unreadable files were skipped)",
+                    path, len(y_true), len(paths))
+        return
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label", *[f"prob_{c}" for c in classes]])
+        for p, y, row in zip(paths, y_true, probs):
+            writer.writerow([p, classes[int(y)], *[f"{v:.6g}" for v in row]])
+
+
+def read_predictions(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
+    """(paths, labels as class indices, probs [N, C], classes) of a predictions.csv."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    classes = [h[len("prob_"):] for h in rows[0][2:]]
+    paths = [r[0] for r in rows[1:]]
+    labels = np.array([classes.index(r[1]) for r in rows[1:]], dtype=np.int64)
+    probs = np.array([[float(v) for v in r[2:]] for r in rows[1:]], dtype=np.float64).reshape(len(paths), len(classes))
+    return paths, labels, probs, classes
+
+
 def write_report(out_dir: Path, y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], *,
-                 title: str, meta: dict, n_boot: int = 1000) -> dict:
-    """Metrics with CIs -> metrics.json, report.md, roc.png, confusion.png in ``out_dir``."""
+                 title: str, meta: dict, n_boot: int = 1000, paths: Sequence[str] | None = None) -> dict:
+    """Metrics with CIs -> metrics.json, report.md, roc.png, confusion.png in ``out_dir``; with
+    ``paths`` (one per row of ``probs``) also predictions.csv, so runs can be compared per image."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     y_true, probs = np.asarray(y_true), np.asarray(probs, dtype=np.float64)
     metrics = evaluate_predictions(y_true, probs, n_boot=n_boot)
     record = {"title": title, "classes": list(classes), **meta, "metrics": metrics}
     (out_dir / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+    if paths is not None:
+        write_predictions(out_dir / "predictions.csv", paths, y_true, probs, classes)
     plot_roc(y_true, probs, classes, out_dir / "roc.png", title)
     plot_confusion(np.array(metrics["confusion_matrix"]), classes, out_dir / "confusion.png", title)
     lines = [f"# {title}", ""]
@@ -117,7 +149,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, out_dir: str |
     meta = {"checkpoint": str(checkpoint), "data": str(folder), "arch": record["model"]["arch"],
             "eval_transform": f"resize {eval_cfg.resize}, centre crop {eval_cfg.crop}",
             "unreadable_files_skipped": len(skipped)}
-    return write_report(Path(out_dir), labels.numpy(), probs.numpy(), record["classes"],
+    return write_report(Path(out_dir), labels.numpy(), probs.numpy(), record["classes"], paths=source.paths(),
                         title=f"Evaluation of {Path(checkpoint).name} on {folder.name}", meta=meta, n_boot=n_boot)
 
 

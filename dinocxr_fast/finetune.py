@@ -205,7 +205,7 @@ class FinetuneJob(TrainingJob):
             y, probs = self._score(self.test_src)
         finally:
             self.model = current
-        write_report(self.run_dir / "report", y, probs, self.classes,
+        write_report(self.run_dir / "report", y, probs, self.classes, paths=self.test_src.paths(),
                      title=f"Fine-tuned {self.cfg['model']['arch']} on {self.test_split}",
                      meta={"pretrained": self.pretrained_from, "label_fraction": self.cfg["data"]["label_fraction"],
                            "train_images": len(self.train_src), "best_epoch": self.best["epoch"],

@@ -192,7 +192,7 @@ def run_linear(cfg: dict, run_dir: Path, *, show_progress: bool = True) -> dict:
                                extra={"pretrained": origin, "linear_head": {"lr": grid[best][0], "weight_decay": grid[best][1]}})
     save_classifier(record, run_dir / "classifier.pt")
     y_test = feats["test"]["y"].numpy()
-    report = write_report(run_dir / "report", y_test, probs_of("test", best), classes,
+    report = write_report(run_dir / "report", y_test, probs_of("test", best), classes, paths=test_src.paths(),
                           title=f"Linear evaluation of {m['arch']} on {test_split}",
                           meta={"pretrained": origin, "label_fraction": d["label_fraction"], "train_images": len(train_src),
                                 "head": f"lr {grid[best][0]}, weight decay {grid[best][1]} (best validation {select} "

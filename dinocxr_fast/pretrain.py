@@ -7,12 +7,13 @@ the optimiser and every RNG state are restored.
 """
 from __future__ import annotations
 
+import logging
 import math
 import sys
+import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from dinocxr_fast.data import build_eval_loader, build_pretrain_loader
@@ -20,11 +21,15 @@ from dinocxr_fast.dino import DINOLoss
 from dinocxr_fast.dino import build as dino_build
 from dinocxr_fast.dino.ema import ema_lerp, ema_pairs
 from dinocxr_fast.dino.knn import knn_accuracy
+from dinocxr_fast.dino.monitor import CollapseWatch, collapse_stats
 from dinocxr_fast.runtime import checkpoint as ckpt
 from dinocxr_fast.runtime import data as data_setup
 from dinocxr_fast.runtime import distributed
 from dinocxr_fast.runtime.job import NonFiniteLossError, StopReason, TrainingJob  # noqa: F401 (re-exported)
 from dinocxr_fast.runtime.metrics import Progress
+
+log = logging.getLogger("dinocxr_fast.train")
+KNN_PHANTOMS = 64  # labelled phantoms per kNN split of the default run
 
 
 class PretrainJob(TrainingJob):
@@ -78,7 +83,17 @@ class PretrainJob(TrainingJob):
         self.params = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer = dino_build.build_optimizer(
             cfg["optim"], dino_build.param_groups(self.student), fused_ok=dino_build.fused_optimizer_ok(self.device))
-        self.schedules = dino_build.build_schedules(cfg, self.steps_per_epoch, global_batch)
+        # Schedules span the run that will actually happen: all epochs, or train.max_steps, or
+        # (refitted as the run measures its speed) what train.max_minutes leaves time for.
+        self.nominal_schedules = dino_build.build_schedules(cfg, self.steps_per_epoch, global_batch)
+        self.fit = bool(t.get("fit_schedules", True))
+        self.max_planned = self.total_steps
+        if self.fit and t.get("max_steps") is not None:
+            self.max_planned = max(min(self.total_steps, int(t["max_steps"])), 1)
+        self._plan(self.max_planned)
+        self._budget: dict | None = None
+        self.knn_trace: list[tuple[int, float]] = []
+        self.first_loss: tuple[int, float] | None = None
         if t["compile"]:
             self.student_ddp = torch.compile(self.student_ddp)
             self.teacher_fwd = torch.compile(self.teacher)
@@ -86,17 +101,68 @@ class PretrainJob(TrainingJob):
             self.teacher_fwd = self.teacher
 
         self.ema_pairs = ema_pairs(self.teacher, self.student)
+        # collapse monitor: the teacher backbone's features of the last step, and a watch that
+        # warns once the run sits at log K or collapses (after the lr warm-up)
+        self._teacher_features: torch.Tensor | None = None
+        self.teacher.backbone.register_forward_hook(self._keep_teacher_features)
+        warmup_steps = int(cfg["optim"]["warmup_epochs"]) * self.steps_per_epoch
+        self.collapse_watch = CollapseWatch(int(cfg["model"]["out_dim"]),
+                                            after_step=min(warmup_steps, (self.planned_steps or self.total_steps) // 4))
         self._finite_since_check: torch.Tensor | None = None
         if resume is not None:
             self.resume_from(resume)
         self.save_effective_config()
 
+    def _keep_teacher_features(self, _module, _inputs, output) -> None:
+        self._teacher_features = output.detach()
+
+    # ---- schedules fitted to the run's budget -----------------------------------------------------
+    def _plan(self, planned_steps: int) -> None:
+        self.planned_steps = planned_steps if planned_steps < self.total_steps else None
+        self.schedules = dino_build.fit_schedules(self.nominal_schedules, planned_steps)
+
+    def schedule_epoch(self, it: int) -> int:
+        """The epoch of the nominal run at the same fraction of the run as step ``it``: drives the
+        epoch-based parts of the recipe (teacher temperature warm-up, frozen last layer)."""
+        planned = self.planned_steps or self.total_steps
+        return int(dino_build.nominal_step_index(it, self.total_steps, planned)) // self.steps_per_epoch
+
+    def on_step_end(self, deadline: float | None, progress: Progress) -> None:
+        """With train.max_minutes: from the measured seconds per step (kNN passes and checkpoints
+        included), refit the schedules at step 10 of this process and at every epoch end so the
+        run ends its cosine when the budget ends."""
+        if deadline is None or not self.fit:
+            return
+        now = time.monotonic()
+        if self._budget is None:  # the first step carries one-off costs: measure from after it
+            self._budget = {"t0": now, "step0": self.step, "reserve": 0.0}
+            return
+        done = self.step - self._budget["step0"]
+        if done < 10 or (done != 10 and self.step % self.steps_per_epoch != 0):
+            return
+        per_step = (now - self._budget["t0"]) / done
+        # keep time for the end: the final checkpoint, and a last kNN pass if one runs
+        reserve = self._budget["reserve"] + 2.0 * per_step
+        fitted = min(self.max_planned, self.step + max(int((deadline - now - reserve) / per_step), 1))
+        current = self.planned_steps or self.total_steps
+        if abs(fitted - current) > max(1, current // 100):
+            self._plan(fitted)
+            progress.set_total(self.end_step(None))
+            progress.write(f"schedules fitted to train.max_minutes={self.cfg['train']['max_minutes']}: "
+                           f"{fitted} steps in all at {per_step:.2f} s/step (was {current})")
+
     # ---- TrainingJob interface --------------------------------------------------------------------
     def model_state(self) -> dict:
         return {"student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "dino_loss": self.dino_loss.state_dict()}
+                "optimizer": self.optimizer.state_dict(), "dino_loss": self.dino_loss.state_dict(),
+                "planned_steps": self.planned_steps or self.total_steps}
 
     def load_model_state(self, state: dict) -> None:
+        # The schedules are planned from this command's budget (same max_steps: the same run,
+        # exactly); a resume with a larger budget re-plans them for the longer run.
+        if int(state.get("planned_steps", self.max_planned)) != self.max_planned:
+            log.info("resume: the schedules now span %d steps (the checkpoint's run planned %s)",
+                     self.max_planned, state.get("planned_steps"))
         self.student.load_state_dict(state["student"])
         self.teacher.load_state_dict(state["teacher"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -115,12 +181,13 @@ class PretrainJob(TrainingJob):
         self.backward(loss)
         grad_norm, momentum = self.update()
         return {"loss": loss.detach(), "grad_norm": grad_norm, "momentum": momentum,
-                "epoch": (self.step - 1) // self.steps_per_epoch, "teacher_out": teacher_out.detach()}
+                "epoch": (self.step - 1) // self.steps_per_epoch, "schedule_epoch": self.schedule_epoch(self.step - 1),
+                "teacher_out": teacher_out.detach(), "student_out": student_out.detach()}
 
     # The three phases of a step, separate so benchmarks/bench_train.py can time each one.
     def forward_loss(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         it = self.step
-        epoch = it // self.steps_per_epoch
+        epoch = self.schedule_epoch(it)
         for group in self.optimizer.param_groups:
             group["lr"] = float(self.schedules["lr"][it])
             if group.get("name") == "decay":
@@ -155,7 +222,7 @@ class PretrainJob(TrainingJob):
     def update(self) -> tuple[torch.Tensor, float]:
         """Clip, optimiser step, EMA of the teacher; advances the step. Returns (grad norm, momentum)."""
         it = self.step
-        epoch = it // self.steps_per_epoch
+        epoch = self.schedule_epoch(it)
         self.scaler.unscale_(self.optimizer)
         grad_norm = dino_build.clip_gradients_per_tensor(self.params, float(self.cfg["optim"]["clip_grad"]))
         dino_build.cancel_last_layer_gradients(self.student, epoch, int(self.cfg["optim"]["freeze_last_layer_epochs"]))
@@ -173,10 +240,26 @@ class PretrainJob(TrainingJob):
                                {"views": [v.detach().cpu() for v in views]})
 
     # ---- kNN monitor ---------------------------------------------------------------------------
+    def knn_sources(self):
+        """(train, val, name) of the kNN monitor: train.knn_data's ImageFolder, or with 'auto' and
+        pretraining on the phantoms, labelled phantoms the pretraining never saw; None: off."""
+        t, d = self.cfg["train"], self.cfg["data"]
+        choice = t["knn_data"]
+        if not choice or (choice == "auto" and d.get("path") is not None):
+            return None
+        if choice == "auto":
+            from dinocxr_fast.data import SyntheticSource  # noqa: PLC0415
+
+            size, seed = int(d["synthetic_size"]), int(t["seed"])
+            return (SyntheticSource(KNN_PHANTOMS, size, seed=seed + 1000), SyntheticSource(KNN_PHANTOMS, size, seed=seed + 2000),
+                    "held-out phantoms")
+        return data_setup.labelled_split(choice, "train"), data_setup.labelled_split(choice, "val"), f"{choice}/val"
+
     @torch.no_grad()
     def knn_eval(self) -> float | None:
         t = self.cfg["train"]
-        if not t["knn_data"] or not self.is_main:
+        sources = self.knn_sources()
+        if sources is None or not self.is_main:
             return None
         eval_cfg = data_setup.eval_config(t["knn_size"], int(self.cfg["model"]["in_chans"]))
         backbone = self.teacher.backbone
@@ -184,8 +267,7 @@ class PretrainJob(TrainingJob):
         backbone.eval()
         feats = {}
         try:
-            for split in ("train", "val"):
-                source = data_setup.labelled_split(t["knn_data"], split)
+            for split, source in zip(("train", "val"), sources[:2]):
                 loader = build_eval_loader(source, eval_cfg, 32, device=self.device,
                                            backend=data_setup.loader_backend(self.cfg["data"]), num_threads=2)
                 xs, ys = [], []
@@ -199,31 +281,59 @@ class PretrainJob(TrainingJob):
             backbone.train(was_training)
         return knn_accuracy(*feats["train"], *feats["val"], k=int(t["knn_k"]), temperature=float(t["knn_temperature"]))
 
+    def _knn(self, epoch: int, progress: Progress | None) -> None:
+        t0 = time.monotonic()
+        acc = self.knn_eval()
+        if acc is not None:
+            self.metrics.write({"step": self.step, "epoch": epoch, "knn_acc": acc}, self.step)
+            self.knn_trace.append((self.step, acc))
+            line = f"epoch {epoch}: kNN accuracy {acc:.4f} on {self.knn_sources()[2]}"
+            progress.write(line) if progress is not None else print(line, file=sys.stderr, flush=True)
+            if self._budget is not None:  # the time budget keeps room for the last kNN pass
+                self._budget["reserve"] = time.monotonic() - t0
+        distributed.barrier()
+
     # ---- hooks ----------------------------------------------------------------------------------------
     def log_fields(self, out: dict) -> dict:
-        probs = F.softmax(out["teacher_out"] / self.dino_loss.teacher_temp(out["epoch"]), dim=-1)
-        entropy = float(-(probs * probs.clamp_min(1e-12).log()).sum(-1).mean())
+        temp = self.dino_loss.teacher_temp(out["schedule_epoch"])
+        stats = collapse_stats(out["teacher_out"], self.dino_loss.center, temp, float(out["loss"]),
+                               self._teacher_features)
+        if self.first_loss is None:
+            self.first_loss = (self.step, float(out["loss"]))
+        warning = self.collapse_watch.check(self.step, {"loss": float(out["loss"]), **stats})
+        if warning:
+            log.warning("%s", warning)
         return {
             "lr": float(self.schedules["lr"][self.step - 1]),
             "weight_decay": float(self.schedules["weight_decay"][self.step - 1]),
             "momentum": out["momentum"],
-            "teacher_temp": self.dino_loss.teacher_temp(out["epoch"]),
+            "teacher_temp": temp,
             "grad_norm": float(out["grad_norm"]),
-            # collapse watch: log(K) means uniform teacher outputs, 0 means one-hot
-            "teacher_entropy": entropy,
+            **stats,  # collapse monitor (dino/monitor.py)
         }
 
+    def progress_fields(self, record: dict) -> dict:
+        return {"H(t)": f"{record['teacher_entropy']:.2f}/{self.collapse_watch.log_k:.2f}",
+                "f_std": f"{record.get('feature_std', float('nan')):.2f}"}
+
+    def on_start(self, progress: Progress) -> None:
+        if self.step == 0 and int(self.cfg["train"]["knn_every"]) > 0:
+            self._knn(0, progress)  # the baseline the run's learning is measured against
+
     def on_epoch_end(self, epoch: int, progress: Progress) -> None:
-        t = self.cfg["train"]
-        knn_every = int(t["knn_every"])
-        if knn_every > 0 and t["knn_data"] and epoch % knn_every == 0:
-            acc = self.knn_eval()
-            if acc is not None:
-                self.metrics.write({"step": self.step, "epoch": epoch, "knn_acc": acc}, self.step)
-                progress.write(f"epoch {epoch}: kNN accuracy {acc:.4f} on {t['knn_data']}/val")
-            distributed.barrier()
+        knn_every = int(self.cfg["train"]["knn_every"])
+        last = self.step >= self.end_step(self._max_steps())
+        if knn_every > 0 and (epoch % knn_every == 0 or last):
+            self._knn(epoch, progress)
+
+    def _max_steps(self) -> int | None:
+        m = self.cfg["train"].get("max_steps")
+        return int(m) if m is not None else None
 
     def on_finish(self) -> None:
+        ran_knn = int(self.cfg["train"]["knn_every"]) > 0
+        if ran_knn and self.stop.kind != "signal" and (not self.knn_trace or self.knn_trace[-1][0] != self.step):
+            self._knn(self.step // self.steps_per_epoch, None)  # the run ended mid-epoch: its last kNN
         if self.dist.enabled:
             self.check_replicas()
         if self.is_main and self.save_backbone:
@@ -241,6 +351,7 @@ class PretrainJob(TrainingJob):
         ]
         if self.save_backbone:
             lines.append("- `teacher_backbone.safetensors`: the teacher backbone weights for downstream use")
+        lines += ["", "## Did it learn?", *self.learning_lines(last)]
         lines += ["", "## Next"]
         if self.step < self.total_steps:
             lines.append(f"- continue this run: `python -m dinocxr_fast.train pretrain --out {self.run_dir} --resume auto`")
@@ -250,6 +361,29 @@ class PretrainJob(TrainingJob):
                      f"{self.run_dir} --data LABELLED_ROOT` (train/ and val/ class folders)")
         lines.append(f"- fine-tuning: `python -m dinocxr_fast.train finetune --pretrained {self.run_dir} --data LABELLED_ROOT`")
         lines.append("- pretrain on real X-rays: `python -m dinocxr_fast.train pretrain --data PATH --preset dino_cxr_vitaev2_s`")
+        return lines
+
+    def learning_lines(self, last: dict | None) -> list[str]:
+        """The run's own quality signal: loss against its start and log K, the kNN trace, and the
+        collapse monitor's warnings."""
+        log_k = self.collapse_watch.log_k
+        lines, learned = [], []
+        if self.first_loss is not None and last is not None:
+            start, end = self.first_loss[1], float(last["loss"])
+            lines.append(f"- loss: {start:.3f} at step {self.first_loss[0]} -> {end:.3f} at step {self.step} "
+                         f"(log K = {log_k:.3f}: uniform outputs)")
+            learned.append(end < start and end < 0.97 * log_k)
+        if len(self.knn_trace) >= 2:
+            (s0, a0), (s1, a1) = self.knn_trace[0], self.knn_trace[-1]
+            trace = ", ".join(f"{a:.3f}" for _, a in self.knn_trace)
+            lines.append(f"- kNN accuracy on {self.knn_sources()[2]}: {a0:.3f} at step {s0} -> {a1:.3f} at step {s1} "
+                         f"(trace: {trace})")
+            learned.append(a1 > a0)
+        lines += [f"- WARNING {w}" for w in self.collapse_watch.warnings] or ["- collapse monitor: no warning"]
+        if learned:
+            verdict = "yes" if all(learned) and not self.collapse_watch.warnings else "no"
+            lines.append(f"- learned: {verdict} (yes means: the loss ended below its start and below log K"
+                         + (", the kNN accuracy rose" if len(learned) > 1 else "") + ", no collapse warning)")
         return lines
 
     @torch.no_grad()

@@ -91,6 +91,24 @@ def _check_common(mean: float, std: float, channels: int, dtype: str, interpolat
         raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
 
 
+# DINO's photometric augmentation at its 224 px views (solarisation: the second view only). The blur sigma is in pixels of a 224 px
+# view and scales with the view size: at 64 px DINO's sigma of up to 2 px would blur away what a
+# 224 px view keeps (the fine lung texture), about a 7 px blur at 224.
+PHOTOMETRIC_224 = {"jitter_p": 0.8, "brightness": 0.4, "contrast": 0.4, "solarize_p": 0.2, "blur_sigma": (0.1, 2.0)}
+
+
+def photometric(size: int, augment: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """ViewSpec fields of the photometric augmentation for a ``size`` px view: DINO's strengths
+    (PHOTOMETRIC_224) with ``augment``'s overrides; the blur sigma scaled by size / 224."""
+    unknown = set(augment or {}) - set(PHOTOMETRIC_224)
+    if unknown:
+        raise ValueError(f"unknown augmentation keys {sorted(unknown)} (known: {sorted(PHOTOMETRIC_224)})")
+    out = {**PHOTOMETRIC_224, **{k: v for k, v in (augment or {}).items() if v is not None}}
+    lo, hi = _pair(out["blur_sigma"], "blur_sigma")
+    out["blur_sigma"] = (lo * size / 224.0, hi * size / 224.0)
+    return out
+
+
 @dataclass(frozen=True)
 class ViewsConfig:
     """The pretraining views: one ViewSpec per view plus the shared output format."""
@@ -115,13 +133,18 @@ class ViewsConfig:
         return len(self.views)
 
     @classmethod
-    def dino_cxr(cls, size: int = 224, n_views: int = 2, scale: tuple[float, float] = (0.4, 1.0), **kw: Any) -> "ViewsConfig":
-        """DINO-CXR's fixed-size views: ``n_views`` views of ``size`` px (default 2 x 224)."""
+    def dino_cxr(cls, size: int = 224, n_views: int = 2, scale: tuple[float, float] = (0.4, 1.0), *,
+                 augment: Mapping[str, Any] | None = None, **kw: Any) -> "ViewsConfig":
+        """DINO-CXR's fixed-size views: ``n_views`` views of ``size`` px (default 2 x 224).
+
+        ``augment`` overrides the photometric strengths (see ``photometric``)."""
         if n_views < 1:
             raise ValueError(f"n_views must be >= 1, got {n_views}")
-        first = ViewSpec(size=size, scale=scale, blur_p=1.0, solarize_p=0.0)
-        second = ViewSpec(size=size, scale=scale, blur_p=0.1, solarize_p=0.2)
-        extra = ViewSpec(size=size, scale=scale, blur_p=0.5, solarize_p=0.0)
+        common = photometric(size, augment)
+        solarize_p = common.pop("solarize_p")
+        first = ViewSpec(size=size, scale=scale, blur_p=1.0, **common)
+        second = ViewSpec(size=size, scale=scale, blur_p=0.1, solarize_p=solarize_p, **common)
+        extra = ViewSpec(size=size, scale=scale, blur_p=0.5, **common)
         views = (first, second, *([extra] * (n_views - 2)))[:n_views]
         return cls(views=views, **kw)
 
@@ -133,11 +156,16 @@ class ViewsConfig:
         n_local: int = 8,
         global_scale: tuple[float, float] = (0.4, 1.0),
         local_scale: tuple[float, float] = (0.05, 0.4),
+        *,
+        augment: Mapping[str, Any] | None = None,
         **kw: Any,
     ) -> "ViewsConfig":
         """Classic DINO multi-crop: 2 global views + ``n_local`` local views, for comparison."""
-        g = cls.dino_cxr(global_size, 2, global_scale).views
-        local = ViewSpec(size=local_size, scale=local_scale, blur_p=0.5, solarize_p=0.0)
+        g = cls.dino_cxr(global_size, 2, global_scale, augment=augment).views
+        # a local crop shows a small region magnified: its blur is relative to the global view's size
+        common = photometric(global_size, augment)
+        common.pop("solarize_p")
+        local = ViewSpec(size=local_size, scale=local_scale, blur_p=0.5, **common)
         return cls(views=(*g, *([local] * n_local)), **kw)
 
     def with_size(self, size: int) -> "ViewsConfig":

@@ -60,6 +60,9 @@ class Source:
     def labels(self) -> list[int]:
         return [s.label for s in self.samples]
 
+    def paths(self) -> list[str]:
+        return [s.path for s in self.samples]
+
     def with_samples(self, samples: Iterable[Sample]) -> "Source":
         """A plain Source over other samples with the same classes and root (for subsets)."""
         return Source(samples, self.classes, self.root)

@@ -90,6 +90,26 @@ def build_schedules(cfg: dict, steps_per_epoch: int, global_batch: int) -> dict[
     return {"lr": lr, "weight_decay": wd, "momentum": momentum}
 
 
+def fit_schedules(nominal: dict[str, np.ndarray], planned_steps: int) -> dict[str, np.ndarray]:
+    """The nominal (whole-run) schedules compressed to ``planned_steps``: step i of the planned
+    run takes the nominal value at the same fraction of the run, so a run cut short by a step or
+    time budget still warms up, finishes its cosine and ends at the final values."""
+    total = len(next(iter(nominal.values())))
+    if planned_steps >= total:
+        return nominal
+    idx = nominal_step_index(np.arange(planned_steps), total, planned_steps)
+    return {name: values[idx] for name, values in nominal.items()}
+
+
+def nominal_step_index(step, total_steps: int, planned_steps: int):
+    """The nominal step at the same fraction of the run as ``step`` of a ``planned_steps`` run
+    (the last planned step maps to the last nominal step)."""
+    if planned_steps >= total_steps or planned_steps <= 1:
+        return np.minimum(step, total_steps - 1)
+    return np.minimum(np.round(np.asarray(step) * (total_steps - 1) / (planned_steps - 1)).astype(np.int64),
+                      total_steps - 1)
+
+
 @torch.no_grad()
 def clip_gradients_per_tensor(params: list[torch.Tensor], clip: float) -> torch.Tensor:
     """DINO's clip_gradients: each tensor's gradient norm capped at ``clip``. Returns the total

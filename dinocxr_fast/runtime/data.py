@@ -36,7 +36,7 @@ def pretrain_source(data_cfg: dict, seed: int) -> Source:
 
 def views_config(data_cfg: dict, channels: int, dtype: str = "float32") -> ViewsConfig:
     kind = data_cfg["views"]
-    common = {"channels": channels, "dtype": dtype}
+    common = {"channels": channels, "dtype": dtype, "augment": data_cfg.get("augment")}
     if kind == "dino_cxr":
         return ViewsConfig.dino_cxr(size=int(data_cfg["view_size"]), n_views=int(data_cfg["n_views"]),
                                     scale=tuple(data_cfg["global_scale"]), **common)

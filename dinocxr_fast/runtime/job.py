@@ -81,10 +81,17 @@ class TrainingJob:
         self.loader = None
         self.steps_per_epoch = 1
         self.epochs = int(t["epochs"])
+        # the steps this run's schedules span (a subclass fitting them to a budget lowers it)
+        self.planned_steps: int | None = None
+        self.t_start = time.monotonic()  # train.max_minutes counts from here: set-up included
 
     @property
     def total_steps(self) -> int:
         return self.epochs * self.steps_per_epoch
+
+    def end_step(self, max_steps: int | None) -> int:
+        end = self.total_steps if max_steps is None else min(self.total_steps, max_steps)
+        return end if self.planned_steps is None else min(end, self.planned_steps)
 
     # ---- subclass interface -----------------------------------------------------------------------
     def train_step(self, batch) -> dict:
@@ -107,8 +114,18 @@ class TrainingJob:
     def log_fields(self, out: dict) -> dict:
         return {}
 
+    def progress_fields(self, record: dict) -> dict:
+        """Extra fields of the progress line, from the logged record."""
+        return {}
+
+    def on_start(self, progress: Progress) -> None:
+        """Before the first step of this process (e.g. a baseline evaluation)."""
+
     def on_epoch_end(self, epoch: int, progress: Progress) -> None:
         pass
+
+    def on_step_end(self, deadline: float | None, progress: Progress) -> None:
+        """After every step (and its log line / checkpoint): e.g. refit schedules to the time left."""
 
     def on_finish(self) -> None:
         pass
@@ -211,21 +228,21 @@ class TrainingJob:
     def run(self) -> StopReason:
         t = self.cfg["train"]
         max_steps = int(t["max_steps"]) if t.get("max_steps") is not None else None
-        deadline = time.monotonic() + float(t["max_minutes"]) * 60 if t.get("max_minutes") else None
+        deadline = self.t_start + float(t["max_minutes"]) * 60 if t.get("max_minutes") else None
         log_every, ckpt_every = max(int(t["log_every"]), 1), max(int(t["ckpt_every"]), 1)
-        end_step = self.total_steps if max_steps is None else min(self.total_steps, max_steps)
-        progress = Progress(end_step, initial=self.step, enabled=self.show_progress)
+        progress = Progress(self.end_step(max_steps), initial=self.step, enabled=self.show_progress)
         previous_handlers = self._install_signal_handlers()
         window = {"t0": time.perf_counter(), "wait": 0.0, "images": 0}
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         out = None
         try:
-            while self.step < end_step:
+            self.on_start(progress)
+            while self.step < self.end_step(max_steps):
                 epoch = self.step // self.steps_per_epoch
                 self.loader.set_epoch(epoch)
                 batches = iter(self.loader)
-                while self.step < end_step and self.step // self.steps_per_epoch == epoch:
+                while self.step < self.end_step(max_steps) and self.step // self.steps_per_epoch == epoch:
                     t_wait = time.perf_counter()
                     try:
                         batch = next(batches)
@@ -234,10 +251,11 @@ class TrainingJob:
                     window["wait"] += time.perf_counter() - t_wait
                     out = self.train_step(batch)
                     window["images"] += self.batch_images(batch) * self.dist.world_size
-                    if self.step % log_every == 0 or self.step == end_step:
+                    if self.step % log_every == 0 or self.step == self.end_step(max_steps):
                         self._log(out, window, progress)
                     if self.step % ckpt_every == 0:
                         self.save_checkpoint()
+                    self.on_step_end(deadline, progress)
                     if self._signal or (deadline and time.monotonic() > deadline):
                         break
                 if self._signal:
@@ -251,6 +269,8 @@ class TrainingJob:
             else:
                 if max_steps is not None and max_steps <= self.step < self.total_steps:
                     self.stop = StopReason("max_steps", str(max_steps))
+                elif self.step < self.total_steps:  # the schedules were fitted to the time budget
+                    self.stop = StopReason("max_minutes", f"{t['max_minutes']} min, schedules fitted to it")
             self.save_checkpoint(final=self.stop.kind == "done")
         finally:
             for sig, h in previous_handlers.items():
@@ -277,7 +297,8 @@ class TrainingJob:
         }
         self.metrics.write(record, self.step)
         progress.update(self.step, {"epoch": f"{record['epoch']:.2f}", "loss": f"{loss:.4f}",
-                                    "img/s": f"{record['images_per_s']:.1f}", "wait": f"{record['data_wait_frac']:.0%}"})
+                                    "img/s": f"{record['images_per_s']:.1f}", "wait": f"{record['data_wait_frac']:.0%}",
+                                    **self.progress_fields(record)})
         window.update(t0=time.perf_counter(), wait=0.0, images=0)
 
     def _write_summary(self, last: dict | None) -> None:

@@ -84,6 +84,13 @@ class Progress:
             print(f"step {n}/{self.total} {fields} eta={_fmt_time(eta)}", file=self.stream, flush=True)
         self.n = n
 
+    def set_total(self, total: int) -> None:
+        """The run's length changed (schedules fitted to a time budget)."""
+        self.total = total
+        if self._bar is not None:
+            self._bar.total = total
+            self._bar.refresh()
+
     def write(self, message: str) -> None:
         if not self.enabled:
             return
