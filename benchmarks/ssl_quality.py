@@ -91,12 +91,16 @@ def build_protocol(out: Path, pool: Path, sample: Path, eval_data: Path | None, 
 
 
 # ---- 2. pretraining ----------------------------------------------------------------------------
-def pretrain(protocol: dict, run: Path, minutes: float, size: int, sets: list[str]) -> dict:
+def pretrain(protocol: dict, run: Path, minutes: float | None, steps: int | None, size: int, sets: list[str]) -> dict:
+    """One pretraining run bounded by ``steps`` (reproducible whatever the machine's load) or by
+    ``minutes`` of wall time; the schedules span that budget."""
     from dinocxr_fast import train  # noqa: PLC0415
 
+    budget = f"train.max_steps={steps}" if steps else f"train.max_minutes={minutes}"
     argv = ["pretrain", "--out", str(run), "--data", str(protocol["pretrain"]), "--quiet",
             "--knn-data", str(protocol["eval"]), "--set", f"train.knn_size={size}", "--set", f"data.view_size={size}",
-            "--set", f"train.max_minutes={minutes}", "--set", "train.epochs=1000", "--set", "train.knn_every=20"]
+            "--set", budget, "--set", "train.epochs=1000", "--set", "optim.warmup_epochs=100",
+            "--set", "train.knn_every=20"]  # the warm-up: 10 % of the fitted run, as in DINO
     for s in sets:
         argv += ["--set", s]
     t0 = time.perf_counter()
@@ -191,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample", default=str(SHARED / "cxr-sample"), help="labelled ImageFolder (train/, val/)")
     parser.add_argument("--eval-data", help="labelled ImageFolder with train/, val/, test/ (report on test/)")
     parser.add_argument("--holdout", type=float, default=0.3, help="fraction of cxr-pool patients held out for testing")
-    parser.add_argument("--pretrain-minutes", type=float, default=35.0)
+    parser.add_argument("--pretrain-minutes", type=float, default=35.0, help="wall-time budget of the pretraining")
+    parser.add_argument("--pretrain-steps", type=int, help="a step budget instead of --pretrain-minutes (results then do "
+                        "not depend on the machine's speed or load)")
     parser.add_argument("--size", type=int, default=64, help="view and evaluation size (px)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds of the random-init baseline and of the probes")
     parser.add_argument("--finetune-epochs", type=int, default=20)
@@ -219,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         pre = {"run": args.pretrained}
         backbone = args.pretrained
     else:
-        pre = pretrain(protocol, out / "pretrain", args.pretrain_minutes, args.size, args.set)
+        pre = pretrain(protocol, out / "pretrain", args.pretrain_minutes, args.pretrain_steps, args.size, args.set)
         backbone = str(out / "pretrain")
         print(f"pretrained {pre['steps']} steps in {pre['seconds']:.0f} s; kNN monitor {pre['knn_monitor']}", flush=True)
 

@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dinocxr_fast.data import build_eval_loader, build_pretrain_loader
 from dinocxr_fast.dino import DINOLoss
+from dinocxr_fast.dino.koleo import koleo_loss
 from dinocxr_fast.dino import build as dino_build
 from dinocxr_fast.dino.ema import ema_lerp, ema_pairs
 from dinocxr_fast.dino.knn import knn_accuracy
@@ -79,7 +80,9 @@ class PretrainJob(TrainingJob):
             n_global=self.n_global, backend=d["backend"],
             # on the CPU the check is free; on a GPU it would sync every step (the loop checks instead)
             check_finite=self.device.type == "cpu",
+            centering=d["centering"], sinkhorn_iterations=int(d["sinkhorn_iterations"]),
         ).to(self.device)
+        self.koleo_weight = float(d["koleo_weight"])
         self.params = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer = dino_build.build_optimizer(
             cfg["optim"], dino_build.param_groups(self.student), fused_ok=dino_build.fused_optimizer_ok(self.device))
@@ -195,12 +198,18 @@ class PretrainJob(TrainingJob):
         with self.autocast():
             with torch.no_grad():
                 teacher_out = self.teacher_fwd(views[: self.n_global])
-            student_out = self.student_ddp(views)
+            if self.koleo_weight > 0:
+                student_out, student_features = self.student_ddp(views, return_features=True)
+            else:
+                student_out = self.student_ddp(views)
         student_out, teacher_out = student_out.float(), teacher_out.float()
         try:
             loss = self.dino_loss(student_out, teacher_out, epoch)
         except ValueError as exc:  # the CPU check names the non-finite argument
             raise self._non_finite(views, str(exc), student_out, teacher_out) from None
+        if self.koleo_weight > 0:  # DINOv2: on the student's backbone features of each global view
+            global_features = student_features[: self.n_global * views[0].shape[0]].chunk(self.n_global)
+            loss = loss + self.koleo_weight * sum(koleo_loss(f) for f in global_features)
         # A device-side flag over the steps since the last check: checking every N steps (one host
         # sync each) still catches a non-finite loss at any step, N - 1 steps late at most.
         finite = torch.isfinite(loss.detach())

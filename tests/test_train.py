@@ -3,6 +3,7 @@ config errors, DDP with gloo, the kNN monitor."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -209,3 +210,13 @@ def test_knn_monitor_on_cxr_sample(tmp_path):
     knn = [r for r in read_metrics(run) if "knn_acc" in r]
     # a baseline before the first step and one at the end of the (single) epoch
     assert [r["step"] for r in knn] == [0, 6] and all(0.0 <= r["knn_acc"] <= 1.0 for r in knn)
+
+
+def test_sinkhorn_centering_and_koleo_train(tmp_path):
+    """DINOv2's options run through the job: finite losses, the KoLeo term in the loss."""
+    run = tmp_path / "run"
+    argv = ["pretrain", "--out", str(run), *FAST, "--set", "dino.centering=sinkhorn",
+            "--set", "dino.koleo_weight=0.1", "--set", "data.loader=torch", "--set", "train.max_steps=4"]
+    assert train.main(argv) == 0
+    got = losses(run)
+    assert got and all(math.isfinite(v) for v in got.values())

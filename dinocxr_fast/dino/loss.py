@@ -4,6 +4,8 @@ Same behaviour as facebookresearch/dino's DINOLoss: the teacher temperature warm
 from ``warmup_teacher_temp`` to ``teacher_temp`` over ``warmup_teacher_temp_epochs`` epochs and
 then stays; the centre follows the (all-reduced) mean teacher output with ``center_momentum``.
 The centre is updated from the column sums the fused loss computed in its own teacher pass.
+``centering="sinkhorn"`` replaces the EMA centre by DINOv2's Sinkhorn-Knopp targets, computed
+per batch as an equivalent centre (see ``centering.py``), so the same fused loss serves both.
 """
 from __future__ import annotations
 
@@ -12,6 +14,9 @@ import torch
 from torch import nn
 
 from dinocxr_fast import ops
+from dinocxr_fast.dino.centering import sinkhorn_center
+
+CENTERINGS = ("ema", "sinkhorn")
 
 
 def teacher_temp_schedule(warmup_teacher_temp: float, teacher_temp: float, warmup_epochs: int, epochs: int) -> np.ndarray:
@@ -38,8 +43,14 @@ class DINOLoss(nn.Module):
         n_global: int = 2,
         backend: str = "auto",
         check_finite: bool = True,
+        centering: str = "ema",
+        sinkhorn_iterations: int = 3,
     ):
         super().__init__()
+        if centering not in CENTERINGS:
+            raise ValueError(f"unknown centering {centering!r} ({', '.join(CENTERINGS)})")
+        self.centering = centering
+        self.sinkhorn_iterations = int(sinkhorn_iterations)
         if n_crops < max(2, n_global):
             raise ValueError(f"n_crops must be at least max(2, n_global={n_global}), got {n_crops}")
         self.out_dim = out_dim
@@ -61,15 +72,20 @@ class DINOLoss(nn.Module):
         Updates the centre as a side effect (after the loss used the current centre), as DINO does.
         """
         teacher_output = teacher_output.detach()
+        temp = self.teacher_temp(epoch)
+        if self.centering == "sinkhorn":
+            # this batch's Sinkhorn-Knopp centre, kept in the buffer for the monitor and checkpoints
+            self.center.copy_(sinkhorn_center(teacher_output, temp, self.sinkhorn_iterations))
         loss, teacher_sum = ops.dino_loss_and_teacher_sum(
             student_output,
             teacher_output,
             self.center,
             student_temp=self.student_temp,
-            teacher_temp=self.teacher_temp(epoch),
+            teacher_temp=temp,
             n_global=self.n_global,
             backend=self.backend,
             check_finite=self.check_finite,
         )
-        ops.update_center(self.center, teacher_output, self.center_momentum, teacher_sum=teacher_sum)
+        if self.centering == "ema":
+            ops.update_center(self.center, teacher_output, self.center_momentum, teacher_sum=teacher_sum)
         return loss

@@ -79,7 +79,9 @@ class MultiCropWrapper(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, crops: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def forward(self, crops: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...],
+                return_features: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Head outputs; with ``return_features`` also the backbone features (same row order)."""
         if isinstance(crops, torch.Tensor):
             crops = [crops]
         if len(crops) == 0:
@@ -92,4 +94,6 @@ class MultiCropWrapper(nn.Module):
             out = self.backbone(torch.cat([crops[i] for i in indices]))
             for i, chunk in zip(indices, out.split([crops[i].shape[0] for i in indices])):
                 features[i] = chunk
-        return self.head(torch.cat(features))
+        features = torch.cat(features)
+        out = self.head(features)
+        return (out, features) if return_features else out
