@@ -24,6 +24,7 @@ class MetricsWriter:
         self.path = Path(run_dir) / "metrics.jsonl"
         self._tb = None
         self.tensorboard_error: str | None = None
+        self._start = time.monotonic()
         if enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
@@ -35,8 +36,10 @@ class MetricsWriter:
     def write(self, record: Mapping, step: int) -> None:
         if not self.enabled:
             return
+        # wall_s: seconds since this command started, so quality can be read per wall-minute
+        line = {**{k: _clean(v) for k, v in record.items()}, "wall_s": round(time.monotonic() - self._start, 2)}
         with self.path.open("a") as f:
-            f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+            f.write(json.dumps(line) + "\n")
         if self._tb is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key not in ("step",) and math.isfinite(float(value)):
