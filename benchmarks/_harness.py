@@ -6,6 +6,12 @@ torch_version} where ratio = peer_median_ms / median_ms (above 1: ours is faster
 
 CPU: median of at least 7 timed runs after warm-up. CUDA: CUDA events after warm-up, the L2
 flushed (a 256 MB buffer overwritten) before every timed run.
+
+Every record also carries the machine's load over the run (benchmarks/_load.py: the CPU time
+other processes took, from when the arguments were parsed to when the results are written) and
+``busy``; ``--json`` refuses to write a busy run unless ``--allow-busy`` is given. CPU kernel
+benchmarks put their bytes moved beside a STREAM-style probe of the machine
+(benchmarks/_bandwidth.py, ``bandwidth_extra``).
 """
 from __future__ import annotations
 
@@ -24,6 +30,8 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
+
+from benchmarks import _bandwidth, _load
 
 # HBM bandwidth (bytes/s) and dense bf16 tensor throughput (FLOP/s) by device name, for the
 # fraction-of-roofline columns. H100 SXM: 3.35 TB/s, 989 TFLOP/s bf16 dense.
@@ -189,20 +197,67 @@ def run_metadata() -> dict:
             "benchmark": module, "command": command}
 
 
-def write_json(records: Iterable[Record], path: str | Path | None) -> None:
-    """The records as JSON, each stamped with run_metadata() (benchmarks/report.py reads these)."""
+# The run's load is measured from here (import: the benchmark's start) or from when
+# base_parser()'s arguments are parsed, to write_json.
+_RUN_LOAD = _load.LoadMonitor()
+_ALLOW_BUSY = False
+
+
+class BusyMachine(SystemExit):
+    """Raised (exit status 1, the message on stderr) instead of writing results measured on a busy machine."""
+
+
+def write_json(records: Iterable[Record], path: str | Path | None, allow_busy: bool | None = None,
+               load: dict | None = None) -> None:
+    """The records as JSON, each stamped with run_metadata() and the run's load (benchmarks/report.py
+    reads these). Prints the load; refuses (BusyMachine) when other processes kept more than half a
+    core busy unless ``allow_busy`` (default: the ``--allow-busy`` flag), which marks them busy."""
+    load = load if load is not None else _RUN_LOAD.summary()
+    print(_load.describe(load))
     if not path:
         return
+    allow_busy = _ALLOW_BUSY if allow_busy is None else allow_busy
+    if load["busy"] and not allow_busy:
+        raise BusyMachine(f"not writing {path}: the machine was busy ({_load.describe(load)}); rerun on a quiet "
+                          f"machine, or pass --allow-busy to write the records marked busy")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = run_metadata()
+    meta = {**run_metadata(), "busy": bool(load["busy"]), "load": load}
     path.write_text(json.dumps([{**dataclasses.asdict(r), **meta} for r in records], indent=2) + "\n")
-    print(f"wrote {path}")
+    print(f"wrote {path}" + (" (marked busy)" if load["busy"] else ""))
+
+
+def bandwidth_extra(nbytes: int, ms: float) -> dict:
+    """Extra columns for a CPU case moving ``nbytes`` in ``ms``: GB/s, its fraction of this
+    machine's STREAM-style bandwidth (probed once per process, same threads) and the probe."""
+    probe = _bandwidth.stream()
+    return {"bytes": int(nbytes), **_bandwidth.fraction(nbytes, ms, probe),
+            "stream_copy_GB/s": probe["copy_GB/s"], "stream_triad_GB/s": probe["triad_GB/s"]}
+
+
+def print_bandwidth() -> None:
+    """Runs the probe (if not yet run) and prints it: call it before the timings, so that a probe of
+    a few seconds does not sit between the contenders."""
+    print(_bandwidth.describe(_bandwidth.stream()), flush=True)
+
+
+class _BenchParser(argparse.ArgumentParser):
+    """Parsing the arguments starts the run's load measurement and sets --allow-busy for write_json."""
+
+    def parse_args(self, args=None, namespace=None):  # noqa: D102
+        global _ALLOW_BUSY
+        parsed = super().parse_args(args, namespace)
+        _ALLOW_BUSY = bool(getattr(parsed, "allow_busy", False))
+        _RUN_LOAD.start()
+        return parsed
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
+    parser = _BenchParser(description=description)
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats (under a minute on a CPU)")
     parser.add_argument("--json", metavar="PATH", help="write the records as JSON to PATH")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--allow-busy", action="store_true",
+                        help="write --json results even when other processes kept more than half a core busy "
+                             "during the run (the records are marked busy)")
     return parser

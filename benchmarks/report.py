@@ -8,6 +8,12 @@ Every row is one record of a benchmark's ``--json`` output (benchmarks/_harness.
 ours and the peer's median, the ratio (peer / ours; above 1 we are faster), and the device, date
 and commit the record was measured on. Rows are grouped by device, GPU first. The table lives in
 README.md between the two marker lines below; everything else in the README is left alone.
+
+Beside each figure: the hardware limit where the benchmark measured one (the fraction of this
+CPU's STREAM-style bandwidth, or of the GPU's peak bandwidth / FLOP/s) and the machine's load
+during the run: ``quiet`` (other processes used under half a core), ``BUSY`` (written with
+--allow-busy: do not trust the ratio) or ``not recorded`` (results from before the load was
+recorded). ``--quiet-only`` leaves out every row not measured on a quiet machine.
 """
 from __future__ import annotations
 
@@ -45,20 +51,43 @@ def _ms(value: float) -> str:
     return f"{value:.3g}" if value < 100 else f"{value:.0f}"
 
 
-def render(records: list[dict]) -> str:
+def load_cell(record: dict) -> str:
+    load = record.get("load")
+    if not isinstance(load, dict) or load.get("other_cores") is None:
+        return "not recorded"
+    return f"{'BUSY' if record.get('busy', load.get('busy')) else 'quiet'} ({load['other_cores']:.2f} cores)"
+
+
+def limit_cell(record: dict) -> str:
+    """The fraction of the hardware limit the benchmark measured beside the figure, if any."""
+    extra = record.get("extra") or {}
+    for key, what in (("frac_stream_bw", "STREAM bw"), ("frac_peak_bw", "peak bw"), ("frac_peak", "peak FLOP/s")):
+        if extra.get(key) is not None:
+            return f"{extra[key]:.2f} of {what}"
+    return ""
+
+
+def is_quiet(record: dict) -> bool:
+    return load_cell(record).startswith("quiet")
+
+
+def render(records: list[dict], quiet_only: bool = False) -> str:
     """The markdown table: one row per comparison (detail records, with no peer, and a peer's
-    own baseline row, peer == backend, are left out)."""
-    rows = [r for r in records if r.get("peer") not in (None, "", "-", r.get("backend"))]
+    own baseline row, peer == backend, are left out; with ``quiet_only`` also every record not
+    measured on a quiet machine)."""
+    rows = [r for r in records if r.get("peer") not in (None, "", "-", r.get("backend"))
+            and (is_quiet(r) or not quiet_only)]
     if not rows:
         return "No benchmark result is committed yet.\n"
     rows.sort(key=lambda r: (r["device"].startswith("CPU"), r["device"], r.get("benchmark", ""), r["file"]))
-    lines = ["| benchmark | case | ours | ms | peer | peer ms | ratio | device | date | commit |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| benchmark | case | ours | ms | peer | peer ms | ratio | of limit | device | machine load | date | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         case = f"{r['name']} {r.get('shape', '')}".strip().replace("|", "/")
         lines.append(
             f"| {r.get('benchmark', r['file'])} | {case} | {r.get('backend', '')} | {_ms(r['median_ms'])} | "
-            f"{r['peer']} | {_ms(r['peer_median_ms'])} | **{r['ratio']:.2f}x** | {r['device']} | {r['date']} | "
+            f"{r['peer']} | {_ms(r['peer_median_ms'])} | **{r['ratio']:.2f}x** | {limit_cell(r)} | {r['device']} | "
+            f"{load_cell(r)} | {r['date']} | "
             f"{r.get('commit', '?')} |"
         )
     return "\n".join(lines) + "\n"
@@ -78,10 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--check", action="store_true", help="fail if README.md's table is stale")
     mode.add_argument("--print", action="store_true", help="print the table, change nothing")
+    parser.add_argument("--quiet-only", action="store_true", help="leave out rows not measured on a quiet machine")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--readme", type=Path, default=README)
     args = parser.parse_args(argv)
-    table = render(load_records(args.results))
+    table = render(load_records(args.results), quiet_only=args.quiet_only)
     if args.print:
         print(table, end="")
         return 0

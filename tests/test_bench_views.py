@@ -24,7 +24,7 @@ def test_both_view_modes_are_measured(tmp_path):
     for split in ("train", "val"):
         _images(tmp_path / "knn" / split, 8, labelled=True)
     out_json = tmp_path / "views.json"
-    argv = ["--json", str(out_json), "--size", "32", "--batch", "4", "--steps", "1", "--minutes", "0.25",
+    argv = ["--json", str(out_json), "--allow-busy", "--size", "32", "--batch", "4", "--steps", "1", "--minutes", "0.25",
             "--data", str(tmp_path / "pool"), "--knn-data", str(tmp_path / "knn"), "--out", str(tmp_path / "runs"),
             "--set", "model.out_dim=64", "--set", "model.head_hidden_dim=32", "--set", "model.head_bottleneck_dim=16",
             "--set", "data.num_workers=1", "--set", "data.loader=torch", "--device", "cpu"]

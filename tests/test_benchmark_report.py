@@ -62,9 +62,24 @@ def test_splice_and_check(tmp_path):
 def test_write_json_stamps_commit_date_command(tmp_path):
     rec = H.make_record("op", "B=2", "ours", "eager", 1.0, 2.0, "cpu")
     out = tmp_path / "r.json"
-    H.write_json([rec], out)
+    H.write_json([rec], out, allow_busy=True)  # the test machine's load is not the point here
     (row,) = json.loads(out.read_text())
     assert row["ratio"] == 2.0 and row["commit"] and len(row["date"]) == 10 and row["command"]
+
+
+def test_busy_and_unrecorded_rows_are_marked_or_left_out(tmp_path):
+    load = {"other_cores": 0.05, "busy": False}
+    (tmp_path / "r.json").write_text(json.dumps([
+        _record(name="quiet_op", load=load, busy=False, extra={"frac_stream_bw": 0.42}),
+        _record(name="busy_op", load={"other_cores": 1.3, "busy": True}, busy=True),
+        _record(name="old_op"),
+    ]))
+    records = report.load_records(tmp_path)
+    rows = {line.split(" | ")[1].split()[0]: line for line in report.render(records).splitlines()[2:]}
+    assert "quiet (0.05 cores)" in rows["quiet_op"] and "0.42 of STREAM bw" in rows["quiet_op"]
+    assert "BUSY (1.30 cores)" in rows["busy_op"] and "not recorded" in rows["old_op"]
+    quiet = report.render(records, quiet_only=True)
+    assert "quiet_op" in quiet and "busy_op" not in quiet and "old_op" not in quiet
 
 
 def test_report_cli_runs():
