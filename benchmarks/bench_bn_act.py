@@ -15,6 +15,11 @@ Peer: ``conv_bn_act(backend="torch")``, the reference (F.conv2d -> F.batch_norm 
 same process on the same inputs; bn_act rows compare ``ops.bn_act.bn_act_cpu`` with
 F.batch_norm + F.silu. Timing: each contender run round-robin (``_harness.time_interleaved``),
 median in ms; ratio = peer / ours (above 1: ours is faster).
+Limit: ``bytes`` is the minimum traffic of the mode (``MIN_TRAFFIC``: each activation-sized tensor
+read or written once; weights are negligible), reported in GB/s and as a fraction of this
+machine's STREAM-style bandwidth for ours and the peer (``frac_stream_bw``, ``torch_frac_stream_bw``).
+The activations here (1-16 MB) fit in the 32 MB L3, so a fraction above 1 is possible; the
+convolution's arithmetic is not counted, so conv rows are a lower bound of how close they are.
 """
 from __future__ import annotations
 
@@ -35,6 +40,10 @@ SHAPES = {
     "c32_16x16_g8": (32, 16, 8),
 }
 QUICK_SHAPES = ("c16_32x32_g4", "c128_16x16_g32")
+# Activation-sized tensors [B*H*W, C] each mode must at least read or write once:
+# train_fwd: x in, conv output saved for backward, out; + backward: grad_out, saved conv output and x
+# read, grad_x written; infer: x in, out; bn_act_fwd: y in, out; + backward: grad_out and y read, grad_y.
+MIN_TRAFFIC = {"train_fwd": 3, "train_fwd_bwd": 7, "infer": 2, "bn_act_fwd": 2, "bn_act_fwd_bwd": 5}
 MODES = ("train_fwd", "train_fwd_bwd", "infer", "bn_act_fwd", "bn_act_fwd_bwd")
 QUICK_MODES = ("train_fwd", "train_fwd_bwd", "bn_act_fwd_bwd")
 
@@ -101,6 +110,7 @@ def run(args) -> list[H.Record]:
         print(f"bench_bn_act: the extension is not built ({_ext.load_error()}); nothing measured.")
         return []
     repeats = args.repeats or (7 if args.quick else 15)
+    H.print_bandwidth()
     records = []
     for name, (c, hw, groups) in SHAPES.items():
         if args.quick and name not in QUICK_SHAPES:
@@ -108,14 +118,18 @@ def run(args) -> list[H.Record]:
         case = make_case(c, hw, groups)
         for mode in (QUICK_MODES if args.quick else MODES):
             ms = H.time_interleaved(contenders(mode, case, groups), device, repeats)
+            nbytes = MIN_TRAFFIC[mode] * BATCH * hw * hw * c * 4
+            limit = H.bandwidth_extra(nbytes, ms["cpp"])
             records.append(H.make_record(
                 f"conv_bn_silu_{mode}" if not mode.startswith("bn_act") else f"bn_silu_{mode[7:]}",
                 f"{name}:out=[{BATCH},{c},{hw},{hw}],g={groups}", "cpp", "torch", ms["cpp"], ms["torch"], device,
-                repeats=repeats,
+                repeats=repeats, **limit,
+                torch_frac_stream_bw=H.bandwidth_extra(nbytes, ms["torch"])["frac_stream_bw"],
             ))
             r = records[-1]
             print(f"{r.name:32s} {r.shape:42s} cpp {r.median_ms:9.3f} ms  torch {r.peer_median_ms:9.3f} ms  "
-                  f"{r.ratio:.2f}x", flush=True)
+                  f"{r.ratio:.2f}x  cpp {r.extra['frac_stream_bw']:.2f} / torch {r.extra['torch_frac_stream_bw']:.2f} "
+                  f"of STREAM bw", flush=True)
     return records
 
 
@@ -126,7 +140,7 @@ def main() -> None:
     records = run(args)
     if records:
         print()
-        H.print_table(records)
+        H.print_table(records, extra_cols=("GB/s", "frac_stream_bw", "torch_frac_stream_bw"))
     H.write_json(records, args.json)
 
 

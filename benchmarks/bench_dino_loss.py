@@ -8,8 +8,12 @@ forward+backward (backward = torch.autograd.grad of the loss w.r.t. the student 
 gradient flows on into the head; .backward() into a leaf would add a copy to both sides). Peer: ``dino_loss_reference`` run eagerly in the same process. On CUDA also
 torch.compile of the reference, GB/s and the fraction of peak HBM bandwidth (3.35 TB/s on an
 H100), and each fused backend's time beside the others' (``cuda_ms``, ``triton_ms``), which is what
-the order of ``IMPLEMENTED`` ("auto") should follow. The Triton backend runs on CUDA only (on the
-CPU it would be the interpreter); there the script says its figures were not measured.
+the order of ``IMPLEMENTED`` ("auto") should follow. On the CPU: the minimum traffic (student and
+teacher read once, gradient written once: ~185 MB per fwd+bwd call at 10 crops) in GB/s and as a
+fraction of this machine's STREAM-style bandwidth probed in the same process, for ours and the
+eager peer (``frac_stream_bw``, ``eager_frac_stream_bw``). The Triton backend runs on CUDA only (on
+the CPU it would be the interpreter); there the script says its figures were not measured.
+Backends are named explicitly (never "auto"), so a change of the dispatch does not change a row.
 """
 from __future__ import annotations
 
@@ -42,6 +46,7 @@ def run(args) -> list[H.Record]:
         shapes = [(64, 2), (64, 12)] if args.quick else [(32, 2), (32, 10), (64, 2), (64, 12)]
     else:
         shapes = [(32, 2), (32, 10)]
+        H.print_bandwidth()
         print("The Triton DINO loss needs a CUDA GPU: its GB/s and fraction of HBM bandwidth were NOT measured "
               "on this machine.")
     records = []
@@ -89,8 +94,11 @@ def run(args) -> list[H.Record]:
             for backend, ms in fused_ms.items():
                 extra = {"eager_ms": round(peer_ms["eager"], 3)}
                 extra.update({f"{b}_ms": round(t, 4) for b, t in fused_ms.items() if b != backend})
+                nbytes = bytes_touched(n_crops, batch, k, student.element_size(), backward)
+                if device.type == "cpu":
+                    extra.update(H.bandwidth_extra(nbytes, ms))
+                    extra["eager_frac_stream_bw"] = H.bandwidth_extra(nbytes, peer_ms["eager"])["frac_stream_bw"]
                 if device.type == "cuda":
-                    nbytes = bytes_touched(n_crops, batch, k, student.element_size(), backward)
                     extra["GB/s"] = round(nbytes / ms / 1e6, 1)
                     peaks = H.gpu_peaks(device)
                     if peaks:
@@ -106,7 +114,8 @@ def run(args) -> list[H.Record]:
 def main() -> None:
     args = H.base_parser(__doc__).parse_args()
     records = run(args)
-    H.print_table(records, extra_cols=("eager_ms", "GB/s", "frac_peak_bw", "cuda_ms", "triton_ms", "cpp_ms"))
+    H.print_table(records, extra_cols=("eager_ms", "GB/s", "frac_peak_bw", "frac_stream_bw", "eager_frac_stream_bw",
+                                       "cuda_ms", "triton_ms", "cpp_ms"))
     H.write_json(records, args.json)
 
 
