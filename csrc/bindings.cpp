@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <limits>
+#include <mutex>
 #include <string>
 #include <tuple>
 
@@ -58,15 +59,20 @@ Shape check_dino_inputs(const at::Tensor& student, const at::Tensor& teacher, co
 }
 
 // Large CPU outputs are recycled when nobody else holds them: a fresh 80 MB gradient costs more in
-// first-touch page faults than the whole fused pass (the CPU allocator does not cache). A buffer
-// still referenced anywhere (autograd graph, a .grad, user code) is never reused.
+// first-touch page faults than the whole fused pass (the CPU allocator does not cache). The slot keeps
+// its own TensorImpl and callers get a second one on the same storage: a Python object bound to the
+// returned tensor would otherwise pin the slot's TensorImpl (PyObject preservation), so it never looked
+// free. A storage still referenced anywhere (autograd graph, a .grad, a view, user code) is never reused.
 at::Tensor recycled_empty(at::Tensor& slot, const at::Tensor& like) {
-  if (slot.defined() && slot.sizes() == like.sizes() && slot.scalar_type() == like.scalar_type() &&
-      slot.device() == like.device() && slot.use_count() == 1 && slot.storage().use_count() == 1) {
-    return slot;
+  static std::mutex mutex;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (!(slot.defined() && slot.sizes() == like.sizes() && slot.scalar_type() == like.scalar_type() &&
+        slot.device() == like.device() && slot.storage().use_count() == 1)) {
+    slot = at::empty_like(like, at::MemoryFormat::Contiguous);
   }
-  slot = at::empty_like(like, at::MemoryFormat::Contiguous);
-  return slot;
+  at::Tensor out = at::empty({0}, slot.options());
+  out.set_(slot.storage(), 0, slot.sizes(), slot.strides());
+  return out;
 }
 
 Tensors dino_loss_cpu(const at::Tensor& student_in, const at::Tensor& teacher_in, const at::Tensor& center_in,

@@ -284,3 +284,37 @@ def test_gpu_backends_match_reference(backend, dtype, batch, k, n_crops):
     torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-2 if dtype == torch.bfloat16 else 1e-4,
                                atol=tol * ref_grad.abs().max().item())
     torch.testing.assert_close(tsum.double(), teacher.double().sum(0), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.skipif(not _ext.has_cpp(), reason="the C++ extension is not built")
+def test_cpp_gradient_buffer_recycled_only_when_free():
+    """The cpp backend reuses its gradient buffer across calls (no 80 MB of fresh pages per step),
+    but never one a caller still holds, and a backward after a second forward uses its own."""
+    student, teacher, center = make_inputs(4, 300, 3)
+    _, expected = reference_and_grad(student, teacher, center, 2)
+    s = student.detach().requires_grad_()
+
+    def grad_of(x):
+        loss = ops.dino_loss(x, teacher, center, student_temp=TS, teacher_temp=TT, backend="cpp")
+        return torch.autograd.grad(loss, x)[0]
+
+    held = grad_of(s)
+    held_copy = held.clone()
+    other = grad_of((s * 2).detach().requires_grad_())  # must not write into `held`
+    assert torch.equal(held, held_copy) and held.data_ptr() != other.data_ptr()
+    ptr = other.data_ptr()
+    del other
+    again = grad_of(s)  # `other` was released: its buffer is reused
+    assert again.data_ptr() == ptr
+    torch.testing.assert_close(again.double(), expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_backward_scaled_and_through_other_outputs(backend):
+    """A non-unit upstream gradient scales the result; the unused outputs need no zero gradient."""
+    student, teacher, center = make_inputs(3, 50, 4)
+    _, expected = reference_and_grad(student, teacher, center, 2)
+    s = student.detach().requires_grad_()
+    loss, tsum = ops.dino_loss_and_teacher_sum(s, teacher, center, student_temp=TS, teacher_temp=TT, backend=backend)
+    (grad,) = torch.autograd.grad(loss * 3.0 + tsum.sum() * 0, s, allow_unused=True)
+    torch.testing.assert_close(grad.double(), expected * 3.0, rtol=1e-4, atol=1e-6)

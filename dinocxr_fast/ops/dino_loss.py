@@ -115,6 +115,9 @@ def _(student_out, teacher_out, center, student_temp, teacher_temp, n_global, ba
 
 
 def _setup_context(ctx, inputs, output):
+    # Only the loss is differentiated: without this, autograd would fill a zero gradient for the
+    # (student-sized) gradient output before every backward.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(output[1])
     ctx.need_grad = inputs[7]
 
@@ -123,6 +126,8 @@ def _backward(ctx, grad_loss, _grad_grad, _grad_sum):
     if not ctx.need_grad:
         raise RuntimeError("dino_loss: backward called but the forward was run without need_grad")
     (grad_student,) = ctx.saved_tensors
+    if grad_loss is None:  # gradients not materialised: nothing flowed into the loss
+        return None, None, None, None, None, None, None, None, None
     # The loss is usually the root of backward (grad_loss == 1): hand the gradient over without a
     # copy. The check is free on the CPU; on CUDA it would sync, so multiply there.
     if grad_loss.device.type == "cpu" and float(grad_loss) == 1.0:
