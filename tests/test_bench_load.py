@@ -101,3 +101,21 @@ def test_bandwidth_fraction_and_small_probe():
     frac = _bandwidth.fraction(10**9, 100.0, {"best_GB/s": 20.0})  # 1 GB in 0.1 s = 10 GB/s
     assert frac == {"GB/s": 10.0, "frac_stream_bw": 0.5}
     assert "triad" in _bandwidth.describe(probe)
+
+
+def test_remeasure_script_accounts_for_every_committed_cpu_result():
+    """scripts/remeasure_cpu.sh re-runs or names as not covered each committed cpu_* result."""
+    import re
+    import subprocess
+
+    from benchmarks import report
+
+    listing = subprocess.run(["bash", str(report.ROOT / "scripts" / "remeasure_cpu.sh"), "--list"],
+                             capture_output=True, text=True, check=True).stdout
+    covered = set(re.findall(r"^covers: (\S+)", listing, re.M))
+    not_covered = set(re.search(r"^not covered: (.*)$", listing, re.M).group(1).split())
+    assert "estimated total" in listing
+    for path in (report.ROOT / "benchmarks" / "results").glob("cpu_*.json"):
+        name = re.sub(r"^cpu_\d{4}-\d{2}-\d{2}_", "", path.stem)
+        name = re.sub(r"_seed\d+$", "", name)
+        assert name in covered | not_covered, f"{path.name} is neither re-measured nor listed as not covered"
