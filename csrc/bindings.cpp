@@ -628,7 +628,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("teacher_temp"), py::arg("n_global"), py::arg("need_grad"), py::arg("need_sum"));
   m.def("num_threads", []() { return omp_get_max_threads(); }, "OpenMP threads the CPU kernels use");
   m.def("cpu_isa", []() { return std::string(dinocxr::cpu::active_isa()); },
-        "Instruction set of the CPU row kernels: 'avx2' or 'portable'");
+        "Instruction set of the CPU DINO loss row kernels: 'avx512', 'avx2' or 'portable'");
+  m.def("limit_cpu_isa", [](const std::string& isa) {
+        TORCH_CHECK_VALUE(dinocxr::cpu::set_isa_limit(isa.c_str()),
+                          "limit_cpu_isa: expected 'avx512', 'avx2' or 'portable', got '", isa, "'");
+      }, py::arg("isa"), "Testing hook: cap the CPU DINO loss row kernels at this instruction set");
   m.def("force_portable_cpu", [](bool portable) {
         dinocxr::cpu::set_force_portable(portable);
         dinocxr::cpu::set_bn_act_force_portable(portable);

@@ -76,20 +76,42 @@ def test_large_k_one_case(backend):
 
 
 @pytest.mark.skipif(not _ext.has_cpp(), reason="the C++ extension is not built")
+@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch,k,n_crops,n_global", CASES[1:])
-def test_cpp_portable_kernels_match_reference(batch, k, n_crops, n_global):
-    """The non-AVX2 row kernels (used on older CPUs and for fp64) are checked too."""
+def test_cpp_row_kernels_of_each_isa_match_reference(isa, dtype, batch, k, n_crops, n_global):
+    """Every instruction set's row kernels are checked, not only the one this CPU picks: the
+    portable ones (older CPUs, fp64), AVX2 and AVX-512 (from one template, dino_loss_simd.h)."""
+    ext = _ext.load()
+    ext.limit_cpu_isa(isa)
+    try:
+        if ext.cpu_isa() != isa:
+            pytest.skip(f"this CPU has no {isa}")
+        student, teacher, center = make_inputs(batch, k, n_crops, n_global, dtype=dtype)
+        ref_loss, ref_grad = reference_and_grad(student, teacher, center, n_global)
+        loss, grad, tsum = run_backend(student, teacher, center, n_global, "cpp")
+    finally:
+        ext.limit_cpu_isa("avx512")
+    if dtype == torch.float32:
+        torch.testing.assert_close(loss.double(), ref_loss, rtol=2e-5, atol=2e-5)
+        torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+    else:  # as test_low_precision_inputs_computed_in_fp32: the gradient is rounded to bf16 once
+        torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-2, atol=1e-3 * ref_grad.abs().max().item())
+    torch.testing.assert_close(tsum, teacher.float().sum(0), rtol=1e-5, atol=1e-4)
+
+
+def test_cpp_force_portable_hook():
+    if not _ext.has_cpp():
+        pytest.skip("the C++ extension is not built")
     ext = _ext.load()
     ext.force_portable_cpu(True)
     try:
         assert ext.cpu_isa() == "portable"
-        student, teacher, center = make_inputs(batch, k, n_crops, n_global)
-        ref_loss, ref_grad = reference_and_grad(student, teacher, center, n_global)
-        loss, grad, _ = run_backend(student, teacher, center, n_global, "cpp")
     finally:
         ext.force_portable_cpu(False)
-    torch.testing.assert_close(loss.double(), ref_loss, rtol=2e-5, atol=2e-5)
-    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="limit_cpu_isa"):
+        ext.limit_cpu_isa("sse9")
 
 
 @pytest.mark.parametrize("backend", cpu_backends())

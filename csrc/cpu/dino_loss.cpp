@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -136,23 +137,33 @@ StudentRowOut student_row_portable(const T* __restrict s, const A* __restrict ta
 
 namespace {
 
-bool g_force_portable = false;
+// The widest row kernels allowed (testing hook): 2 AVX-512, 1 AVX2, 0 portable.
+int g_isa_limit = 2;
 
-// The row kernels for element type T: AVX2 for fp32/bf16 rows where the CPU has it.
+enum class Isa { kPortable, kAvx2, kAvx512 };
+
+Isa row_isa() {
+  if (g_isa_limit >= 2 && avx512_available()) return Isa::kAvx512;
+  if (g_isa_limit >= 1 && avx2_available()) return Isa::kAvx2;
+  return Isa::kPortable;
+}
+
+// The row kernels for element type T: AVX-512 or AVX2 for fp32/bf16 rows where the CPU has it.
 template <typename T, typename A>
-A teacher_row(const T* t, const A* c, int64_t k, A inv_temp, A* q, A* tile_max, float* tsum) {
+A teacher_row(Isa isa, const T* t, const A* c, int64_t k, A inv_temp, A* q, A* tile_max, float* tsum) {
   if constexpr (!std::is_same_v<A, double>) {
-    if (!g_force_portable && avx2_available()) return teacher_row_avx2<T>(t, c, k, inv_temp, q, tile_max, tsum);
+    if (isa == Isa::kAvx512) return teacher_row_avx512<T>(t, c, k, inv_temp, q, tile_max, tsum);
+    if (isa == Isa::kAvx2) return teacher_row_avx2<T>(t, c, k, inv_temp, q, tile_max, tsum);
   }
   return teacher_row_portable<T, A>(t, c, k, inv_temp, q, tile_max, tsum);
 }
 
 template <typename T, typename A>
-StudentRowOut student_row(const T* s, const A* target, int64_t k, A inv_temp, A* expo, A* tile_max, T* g,
+StudentRowOut student_row(Isa isa, const T* s, const A* target, int64_t k, A inv_temp, A* expo, A* tile_max, T* g,
                           A grad_scale) {
   if constexpr (!std::is_same_v<A, double>) {
-    if (!g_force_portable && avx2_available())
-      return student_row_avx2<T>(s, target, k, inv_temp, expo, tile_max, g, grad_scale);
+    if (isa == Isa::kAvx512) return student_row_avx512<T>(s, target, k, inv_temp, expo, tile_max, g, grad_scale);
+    if (isa == Isa::kAvx2) return student_row_avx2<T>(s, target, k, inv_temp, expo, tile_max, g, grad_scale);
   }
   return student_row_portable<T, A>(s, target, k, inv_temp, expo, tile_max, g, grad_scale);
 }
@@ -164,8 +175,30 @@ bool avx2_available() {
   return ok;
 }
 
-void set_force_portable(bool portable) { g_force_portable = portable; }
-const char* active_isa() { return (!g_force_portable && avx2_available()) ? "avx2" : "portable"; }
+bool avx512_available() {
+  static const bool ok = avx2_available() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512dq");
+  return ok;
+}
+
+void set_force_portable(bool portable) { g_isa_limit = portable ? 0 : 2; }
+
+bool set_isa_limit(const char* isa) {
+  const std::string name(isa);
+  if (name == "portable") g_isa_limit = 0;
+  else if (name == "avx2") g_isa_limit = 1;
+  else if (name == "avx512") g_isa_limit = 2;
+  else return false;
+  return true;
+}
+
+const char* active_isa() {
+  switch (row_isa()) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "portable";
+  }
+}
 
 template <typename T>
 DinoLossResult dino_loss_forward(const DinoLossProblem& p, const T* student, const T* teacher,
@@ -180,6 +213,7 @@ DinoLossResult dino_loss_forward(const DinoLossProblem& p, const T* student, con
   if (need_sum) std::fill(teacher_sum, teacher_sum + K, 0.0f);
 
   double total = 0.0, probe = 0.0;
+  const Isa isa = row_isa();
   const int n_threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), B)));
 #pragma omp parallel num_threads(n_threads) reduction(+ : total, probe)
   {
@@ -188,7 +222,7 @@ DinoLossResult dino_loss_forward(const DinoLossProblem& p, const T* student, con
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t i = 0; i < n_global; ++i) {
-        probe += static_cast<double>(teacher_row<T, A>(teacher + (i * B + b) * K, center, K, inv_tt,
+        probe += static_cast<double>(teacher_row<T, A>(isa, teacher + (i * B + b) * K, center, K, inv_tt,
                                                        sc.probs.data() + i * K, sc.tile_max.data(),
                                                        need_sum ? sc.teacher_sum.data() : nullptr));
       }
@@ -221,7 +255,7 @@ DinoLossResult dino_loss_forward(const DinoLossProblem& p, const T* student, con
           target = sc.target.data();
         }
         const int64_t row = (v * B + b) * K;
-        const StudentRowOut r = student_row<T, A>(student + row, target, K, inv_ts, sc.expo.data(),
+        const StudentRowOut r = student_row<T, A>(isa, student + row, target, K, inv_ts, sc.expo.data(),
                                                   sc.tile_max.data(), grad ? grad + row : nullptr, grad_scale);
         total += r.loss;
         probe += r.probe;

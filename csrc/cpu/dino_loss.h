@@ -36,8 +36,11 @@ template <typename T>
 DinoLossResult dino_loss_forward(const DinoLossProblem& p, const T* student, const T* teacher,
                                  const typename AccType<T>::type* center, T* grad, float* teacher_sum);
 
-// Testing hook: force the portable row kernels even where AVX2 is available.
+// Testing hooks: force the portable row kernels even where AVX2 / AVX-512 is available, or cap the
+// row kernels at "portable", "avx2" or "avx512" (false for another name). active_isa() names the
+// kernels in use.
 void set_force_portable(bool portable);
+bool set_isa_limit(const char* isa);
 const char* active_isa();
 
 }  // namespace cpu

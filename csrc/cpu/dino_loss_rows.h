@@ -1,4 +1,4 @@
-// Row kernels of the CPU DINO loss, shared by the portable and the AVX2 implementations.
+// Row kernels of the CPU DINO loss, shared by the portable and the AVX2 / AVX-512 implementations.
 #pragma once
 
 #include <algorithm>
@@ -78,13 +78,21 @@ template <typename T, typename A>
 StudentRowOut student_row_portable(const T* s, const A* target, int64_t k, A inv_temp, A* expo, A* tile_max,
                                    T* g, A grad_scale);
 
-// AVX2+FMA versions for fp32 and bf16 rows (dino_loss_avx2.cpp); call only when avx2_available().
+// AVX2+FMA and AVX-512 versions for fp32 and bf16 rows (dino_loss_avx2.cpp, dino_loss_avx512.cpp,
+// both from dino_loss_simd.h); call only when avx2_available() / avx512_available().
 bool avx2_available();
+bool avx512_available();
 template <typename T>
 float teacher_row_avx2(const T* t, const float* c, int64_t k, float inv_temp, float* q, float* tile_max, float* tsum);
 template <typename T>
 StudentRowOut student_row_avx2(const T* s, const float* target, int64_t k, float inv_temp, float* expo,
                                float* tile_max, T* g, float grad_scale);
+template <typename T>
+float teacher_row_avx512(const T* t, const float* c, int64_t k, float inv_temp, float* q, float* tile_max,
+                         float* tsum);
+template <typename T>
+StudentRowOut student_row_avx512(const T* s, const float* target, int64_t k, float inv_temp, float* expo,
+                                 float* tile_max, T* g, float grad_scale);
 
 }  // namespace cpu
 }  // namespace dinocxr
