@@ -4,7 +4,9 @@ A benchmark's own threads are not "load": what spoils a timing is the CPU time *
 took. So the run's figure is ``other_cores``: all CPUs' busy time over the run (/proc/stat: user,
 nice, system, irq, softirq and steal; idle and iowait are idle) less this process's own CPU time
 and that of its reaped children (/proc/self/stat utime, stime, cutime, cstime), divided by the
-wall time, i.e. how many cores other work kept busy on average. The load average is recorded
+wall time, i.e. how many cores other work kept busy on average. Live child processes (data loader
+workers, compile workers) count as the benchmark's own: their time is only in cutime once reaped,
+so the live descendants' utime+stime+cutime+cstime are added. The load average is recorded
 beside it but is not the criterion: it counts the benchmark's own threads too. A run is ``busy``
 when ``other_cores`` is above ``BUSY_LIMIT_CORES``; benchmarks/_harness.py refuses to write such
 results unless asked.
@@ -38,6 +40,37 @@ def own_ticks(self_stat: str) -> int:
     return sum(int(x) for x in rest[11:15])
 
 
+def parent_pid(stat: str) -> int:
+    return int(stat.rsplit(")", 1)[1].split()[1])  # field 4
+
+
+def descendant_ticks(stats: dict[int, str], root: int) -> int:
+    """own_ticks summed over the live descendants of ``root`` (``stats``: pid -> /proc/pid/stat)."""
+    children: dict[int, list[int]] = {}
+    for pid, stat in stats.items():
+        try:
+            children.setdefault(parent_pid(stat), []).append(pid)
+        except (IndexError, ValueError):
+            continue  # a process that vanished mid-read
+    total, todo = 0, list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        total += own_ticks(stats[pid])
+        todo.extend(children.get(pid, []))
+    return total
+
+
+def _process_stats() -> dict[int, str]:
+    stats = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stats[int(entry.name)] = (entry / "stat").read_text()
+            except OSError:
+                pass  # exited meanwhile
+    return stats
+
+
 @dataclasses.dataclass(frozen=True)
 class Snapshot:
     wall: float
@@ -50,10 +83,12 @@ def _read_proc(name: str) -> str:
     return Path("/proc", name).read_text()
 
 
-def snapshot(read: Callable[[str], str] = _read_proc, clock: Callable[[], float] = time.monotonic) -> Snapshot | None:
+def snapshot(read: Callable[[str], str] = _read_proc, clock: Callable[[], float] = time.monotonic,
+             processes: Callable[[], dict[int, str]] = _process_stats, pid: int | None = None) -> Snapshot | None:
     """The counters now, or None where /proc cannot be read (not Linux)."""
     try:
-        busy, own = busy_ticks(read("stat")), own_ticks(read("self/stat"))
+        busy = busy_ticks(read("stat"))
+        own = own_ticks(read("self/stat")) + descendant_ticks(processes(), os.getpid() if pid is None else pid)
         loadavg = tuple(float(x) for x in read("loadavg").split()[:3])
     except (OSError, ValueError, IndexError):
         return None
@@ -83,15 +118,15 @@ def summarize(start: Snapshot | None, end: Snapshot | None, ticks_per_s: float =
 class LoadMonitor:
     """Snapshots at ``start()`` and at each ``summary()`` call."""
 
-    def __init__(self, read: Callable[[str], str] = _read_proc, clock: Callable[[], float] = time.monotonic):
-        self._read, self._clock = read, clock
+    def __init__(self, **sources):
+        self._sources = sources  # snapshot()'s keyword arguments, for tests
         self.start()
 
     def start(self) -> None:
-        self._start = snapshot(self._read, self._clock)
+        self._start = snapshot(**self._sources)
 
     def summary(self) -> dict:
-        return summarize(self._start, snapshot(self._read, self._clock))
+        return summarize(self._start, snapshot(**self._sources))
 
 
 def describe(load: dict) -> str:

@@ -30,10 +30,25 @@ def test_own_ticks_reads_fields_14_to_17_after_the_command_name():
     assert _load.own_ticks(SELF.format(utime=11, stime=22, cutime=33, cstime=44)) == 110
 
 
-def _snap(busy_user, own_utime, wall, loadavg="0.20 0.30 0.40 1/100 4242"):
+def _snap(busy_user, own_utime, wall, loadavg="0.20 0.30 0.40 1/100 4242", processes=None):
     read = fake_proc({"user": busy_user, "system": 0, "steal": 0}, {"utime": own_utime, "stime": 0, "cutime": 0,
                                                                      "cstime": 0}, loadavg)
-    return _load.snapshot(read, clock=lambda: wall)
+    return _load.snapshot(read, clock=lambda: wall, processes=lambda: processes or {}, pid=4242)
+
+
+def _proc(pid, ppid, utime):
+    return f"{pid} (worker) S {ppid} 1 1 0 -1 0 0 0 0 0 {utime} 0 0 0 20 0 1 0\n"
+
+
+def test_live_descendants_count_as_own():
+    """Data loader or compile workers still alive at the end are the benchmark's, not other load."""
+    stats = {4242: _proc(4242, 1, 0), 5000: _proc(5000, 4242, 300), 5001: _proc(5001, 5000, 200),
+             6000: _proc(6000, 1, 999)}  # 6000 is someone else's
+    assert _load.descendant_ticks(stats, 4242) == 500
+    start = _snap(0, 0, 0.0)
+    end = _snap(1000, 400, 10.0, processes={k: v for k, v in stats.items() if k != 4242})
+    load = _load.summarize(start, end, ticks_per_s=100)  # 1000 busy - 400 own - 500 children = 1 s
+    assert load["other_cpu_s"] == 1.0 and load["busy"] is False
 
 
 def test_summary_subtracts_own_cpu_time():
@@ -55,7 +70,7 @@ def test_unreadable_proc_counts_as_busy():
     def missing(name):
         raise OSError(name)
 
-    assert _load.snapshot(missing) is None
+    assert _load.snapshot(missing, processes=dict) is None
     load = _load.summarize(None, None)
     assert load["busy"] is True and "unknown" in _load.describe(load)
 
