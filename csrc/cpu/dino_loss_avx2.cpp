@@ -95,25 +95,7 @@ struct Avx2 {
 namespace dinocxr {
 namespace cpu {
 
-template <typename T>
-float teacher_row_avx2(const T* t, const float* c, int64_t k, float inv_temp, float* q, float* tile_max,
-                       float* tsum) {
-  return teacher_row_simd<Avx2, T>(t, c, k, inv_temp, q, tile_max, tsum);
-}
-
-template <typename T>
-StudentRowOut student_row_avx2(const T* s, const float* target, int64_t k, float inv_temp, float* expo,
-                               float* tile_max, T* g, float grad_scale) {
-  return student_row_simd<Avx2, T>(s, target, k, inv_temp, expo, tile_max, g, grad_scale);
-}
-
-template float teacher_row_avx2<float>(const float*, const float*, int64_t, float, float*, float*, float*);
-template float teacher_row_avx2<BFloat16Bits>(const BFloat16Bits*, const float*, int64_t, float, float*, float*,
-                                              float*);
-template StudentRowOut student_row_avx2<float>(const float*, const float*, int64_t, float, float*, float*, float*,
-                                               float);
-template StudentRowOut student_row_avx2<BFloat16Bits>(const BFloat16Bits*, const float*, int64_t, float, float*,
-                                                      float*, BFloat16Bits*, float);
+DINOCXR_DEFINE_ROW_KERNELS(avx2, Avx2)
 
 }  // namespace cpu
 }  // namespace dinocxr

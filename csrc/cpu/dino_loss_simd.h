@@ -159,3 +159,24 @@ StudentRowOut student_row_simd(const T* s, const float* target, int64_t k, float
 }  // namespace
 }  // namespace cpu
 }  // namespace dinocxr
+
+// The entry points dino_loss_rows.h declares, for one vector type: teacher_row_<isa> and
+// student_row_<isa> for fp32 and bf16 rows (one definition here rather than one per ISA file).
+#define DINOCXR_DEFINE_ROW_KERNELS(isa, V)                                                                  \
+  template <typename T>                                                                                    \
+  float teacher_row_##isa(const T* t, const float* c, int64_t k, float inv_temp, float* q, float* tile_max, \
+                          float* tsum) {                                                                   \
+    return teacher_row_simd<V, T>(t, c, k, inv_temp, q, tile_max, tsum);                                   \
+  }                                                                                                        \
+  template <typename T>                                                                                    \
+  StudentRowOut student_row_##isa(const T* s, const float* target, int64_t k, float inv_temp, float* expo, \
+                                  float* tile_max, T* g, float grad_scale) {                               \
+    return student_row_simd<V, T>(s, target, k, inv_temp, expo, tile_max, g, grad_scale);                  \
+  }                                                                                                        \
+  template float teacher_row_##isa<float>(const float*, const float*, int64_t, float, float*, float*, float*); \
+  template float teacher_row_##isa<BFloat16Bits>(const BFloat16Bits*, const float*, int64_t, float, float*,  \
+                                                 float*, float*);                                          \
+  template StudentRowOut student_row_##isa<float>(const float*, const float*, int64_t, float, float*, float*, \
+                                                  float*, float);                                          \
+  template StudentRowOut student_row_##isa<BFloat16Bits>(const BFloat16Bits*, const float*, int64_t, float,  \
+                                                         float*, float*, BFloat16Bits*, float);
