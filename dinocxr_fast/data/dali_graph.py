@@ -119,11 +119,12 @@ def _eval_view(img, roi, cfg: EvalConfig):
     )
 
 
-def define_graph(cfg: ViewsConfig | EvalConfig, source: Callable, device: str) -> tuple:
+def define_graph(cfg: ViewsConfig | EvalConfig, source: Callable, device: str, raw: bool = False) -> tuple:
     """Create the operators inside an open ``with pipeline:`` block; returns the output nodes.
 
     ``source()`` returns ``(encoded_list, params_0, ..., params_{k-1})``: one params array per view,
-    or one ROI array for evaluation.
+    or one ROI array for evaluation. ``raw``: the first output holds decoded HxWx1 uint16 images
+    (a prepared dataset's pixels) instead of encoded files; the graph then starts at the views.
     """
     from nvidia.dali import fn
 
@@ -139,10 +140,11 @@ def define_graph(cfg: ViewsConfig | EvalConfig, source: Callable, device: str) -
         source=source,
         num_outputs=1 + n_params,
         batch=True,
-        dtype=[types.UINT8] + [types.FLOAT] * n_params,
-        ndim=[1] * (1 + n_params),
+        dtype=[types.UINT16 if raw else types.UINT8] + [types.FLOAT] * n_params,
+        ndim=[3 if raw else 1] + [1] * n_params,
+        layout=["HWC" if raw else ""] + [""] * n_params,
     )
-    img = _decode(inputs[0], device)
+    img = dev(inputs[0]) if raw else _decode(inputs[0], device)
     if isinstance(cfg, ViewsConfig):
         return tuple(_view(img, p, spec, cfg, dev) for p, spec in zip(inputs[1:], cfg.views))
     return (_eval_view(img, inputs[1], cfg),)
@@ -158,6 +160,7 @@ def build_pipeline(
     device_id: int | None,
     prefetch_queue_depth: int = 2,
     seed: int = 0,
+    raw: bool = False,
 ):
     """A built pipeline whose outputs are the views (ViewsConfig) or the eval image (EvalConfig)."""
     from nvidia.dali import Pipeline
@@ -170,7 +173,7 @@ def build_pipeline(
         seed=seed,
     )
     with pipe:
-        pipe.set_outputs(*define_graph(cfg, source, device))
+        pipe.set_outputs(*define_graph(cfg, source, device, raw))
     pipe.build()
     return pipe
 

@@ -23,12 +23,14 @@ from .assemble import BatchAssembler, PreparedBatch
 from .config import EvalConfig, ViewsConfig
 from .dali_graph import build_decode_check, build_pipeline
 from .imageio import pgm_bytes
+from .prepared import pixels_to_u16
 from .planning import BRIGHTNESS, CONTRAST, N_PARAMS, SIGMA, WINDOW, X1, Y1, BatchSpec
 
 log = logging.getLogger("dinocxr_fast.data")
 
 # Fed in place of a batch whose every image was dropped: DALI cannot run an empty batch.
 _PLACEHOLDER = np.frombuffer(pgm_bytes(np.zeros((1, 1), np.uint8)), np.uint8)
+_RAW_PLACEHOLDER = np.zeros((1, 1, 1), np.uint16)
 
 
 class _Peekable:
@@ -53,6 +55,7 @@ class _Feed:
         self.stream = _Peekable(stream)
         self.pending: collections.deque[PreparedBatch] = collections.deque()
         self.n_params = n_params
+        self.raw = assembler.raw
 
     def next_key(self) -> tuple[int, int]:
         spec = self.pending[0].spec if self.pending else self.stream.peek()
@@ -62,7 +65,10 @@ class _Feed:
         pb = self.assembler.prepare(next(self.stream))
         self.pending.append(pb)
         if not len(pb):
-            return ([_PLACEHOLDER], *(_placeholder_params(p.shape[1]) for p in pb.params))
+            placeholder = _RAW_PLACEHOLDER if self.raw else _PLACEHOLDER
+            return ([placeholder], *(_placeholder_params(p.shape[1]) for p in pb.params))
+        if self.raw:
+            return ([pixels_to_u16(d) for d in pb.data], *pb.params)
         return ([np.frombuffer(d, np.uint8) for d in pb.data], *pb.params)
 
 
@@ -127,6 +133,7 @@ class DaliRunner:
             device=self.dali_device,
             device_id=self.device_id,
             prefetch_queue_depth=self.prefetch_queue_depth,
+            raw=self.assembler.raw,
         )
         self.rebuilds += 1
 
@@ -172,7 +179,7 @@ class DaliRunner:
 
     def _recover(self, err: RuntimeError, make_stream: Callable) -> None:
         pending = list(self._feed.pending)
-        if not pending:
+        if not pending or self.assembler.raw:  # prepared pixels are not decoded: not a data problem
             raise err
         bad = self._find_undecodable(pending)
         if not bad:
