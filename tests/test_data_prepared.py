@@ -174,7 +174,8 @@ def test_rank_and_node_sharding(tree, tmp_path, monkeypatch):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_same_views_as_from_the_source_at_the_stored_size(tree, tmp_path, backend):
     """Prepared pixels give exactly the views the source files give when they are stored at that
-    size: the crops, jitters, blurs are drawn from (seed, epoch, index) and the stored shape."""
+    size: the crops, jitters, blurs are drawn from (seed, epoch, index) and the stored shape. (DALI
+    on an all-8-bit prepared dataset: within a gray level, its resampler rounds to 8 bits.)"""
     prepare(tree, tmp_path / "prep", Settings(short_side=24), progress=False)
     ds = PreparedDataset(tmp_path / "prep")
     resized = tmp_path / "resized"  # the source stored at the prepared size, losslessly
@@ -201,6 +202,14 @@ def test_same_views_as_from_the_source_at_the_stored_size(tree, tmp_path, backen
         torch.testing.assert_close(x, y, rtol=0, atol=0)
     for loader in (a, b, c):
         loader.close()
+    if backend == "dali":  # all-8-bit pixels go through the graph as uint8, resampled to 8 bits like PIL does
+        eight = [k for k, s in enumerate(prep.samples) if ds.entries[prep.entry_ids[k]].dtype == "uint8"]
+        src8, prep8 = src.with_samples([src[k] for k in eight]), prep.with_samples([prep[k] for k in eight])
+        assert prep8.pixel_dtype == "uint8" and prep.pixel_dtype == "uint16"
+        for va, vb in zip(*(next(iter(build_pretrain_loader(s, VIEWS, 8, backend="dali", num_threads=1, seed=5)))
+                            for s in (src8, prep8))):
+            diff = (va - vb).abs()  # 1 gray level is 0.017 normalised
+            assert diff.mean() < 0.01 and diff.max() < 0.3, (diff.mean(), diff.max())
     ev = build_eval_loader(ds.source("val", labelled=True), None, 4, backend=backend, num_threads=threads)
     images, labels = next(iter(ev))
     assert images.shape == (4, 1, 224, 224) and labels.tolist() == [0, 0, 0, 1]
@@ -229,3 +238,18 @@ def test_trainer_reads_a_prepared_dataset(tree, tmp_path):
     for a, b in zip(mine[:3], theirs[:3]):
         assert [(s.path, s.label) for s in a.samples] == [(s.path, s.label) for s in b.samples]
     assert mine[3] == theirs[3] == "val"
+
+
+@pytest.mark.parametrize("sigma, window", [(0.4, 3), (1.7, 13), (2.0, 31)])
+def test_blur_fast_path_matches_the_conv_form(sigma, window):
+    """The torch loader's SciPy blur (reflect-101) is the conv2d blur up to float rounding."""
+    from dinocxr_fast.data import torch_ops
+
+    if torch_ops._correlate1d is None:
+        pytest.skip("SciPy is not installed: the conv2d form is the only one in use")
+    x = torch.rand(24, 20, generator=torch.Generator().manual_seed(0))
+    r = window // 2
+    t = torch.arange(-r, r + 1, dtype=torch.float32)
+    k = torch.exp(-(t * t) / (2.0 * sigma * sigma))
+    torch.testing.assert_close(torch_ops.gaussian_blur(x, sigma, window), torch_ops._blur_conv(x, k / k.sum(), r),
+                               rtol=0, atol=1e-6)

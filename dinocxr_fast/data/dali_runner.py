@@ -30,7 +30,6 @@ log = logging.getLogger("dinocxr_fast.data")
 
 # Fed in place of a batch whose every image was dropped: DALI cannot run an empty batch.
 _PLACEHOLDER = np.frombuffer(pgm_bytes(np.zeros((1, 1), np.uint8)), np.uint8)
-_RAW_PLACEHOLDER = np.zeros((1, 1, 1), np.uint16)
 
 
 class _Peekable:
@@ -55,7 +54,7 @@ class _Feed:
         self.stream = _Peekable(stream)
         self.pending: collections.deque[PreparedBatch] = collections.deque()
         self.n_params = n_params
-        self.raw = assembler.raw
+        self.raw = _raw_dtype(assembler)
 
     def next_key(self) -> tuple[int, int]:
         spec = self.pending[0].spec if self.pending else self.stream.peek()
@@ -65,8 +64,10 @@ class _Feed:
         pb = self.assembler.prepare(next(self.stream))
         self.pending.append(pb)
         if not len(pb):
-            placeholder = _RAW_PLACEHOLDER if self.raw else _PLACEHOLDER
+            placeholder = np.zeros((1, 1, 1), self.raw) if self.raw else _PLACEHOLDER
             return ([placeholder], *(_placeholder_params(p.shape[1]) for p in pb.params))
+        if self.raw == "uint8":  # DALI copies the memory-mapped pixels once, into its own buffer
+            return ([d[..., None] for d in pb.data], *pb.params)
         if self.raw:
             return ([pixels_to_u16(d) for d in pb.data], *pb.params)
         return ([np.frombuffer(d, np.uint8) for d in pb.data], *pb.params)
@@ -79,6 +80,14 @@ def _placeholder_params(width: int) -> np.ndarray:
     if width == N_PARAMS:
         row[0, [BRIGHTNESS, CONTRAST, SIGMA, WINDOW]] = 1.0
     return row
+
+
+def _raw_dtype(assembler: BatchAssembler) -> str | None:
+    """The pixel type a prepared dataset feeds the graph: uint8 when all its images are 8-bit,
+    else uint16 (8-bit images scaled by 257, as the decoder does); None for encoded files."""
+    if not assembler.raw:
+        return None
+    return assembler.source.pixel_dtype
 
 
 def _error_summary(err: Exception) -> str:
@@ -133,7 +142,7 @@ class DaliRunner:
             device=self.dali_device,
             device_id=self.device_id,
             prefetch_queue_depth=self.prefetch_queue_depth,
-            raw=self.assembler.raw,
+            raw=_raw_dtype(self.assembler),
         )
         self.rebuilds += 1
 

@@ -196,6 +196,13 @@ class PreparedSource(Source):
             raise ValueError("one entry id per sample is needed")
         self._by_path = {s.path: k for s, k in zip(self.samples, self.entry_ids)}
 
+    @property
+    def pixel_dtype(self) -> str:
+        """"uint8" when every image of this source is stored with 8 bits, else "uint16"."""
+        if all(self.dataset.entries[k].dtype == "uint8" for k in self.entry_ids):
+            return "uint8"
+        return "uint16"
+
     def read_pixels(self, index: int) -> tuple[np.ndarray, ImageInfo]:
         e = self.dataset.entries[self.entry_ids[index]]
         bits = 16 if e.dtype == "uint16" else 8
