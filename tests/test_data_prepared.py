@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data_helpers import jpeg_bytes, make_dicom, png_bytes
+from data_helpers import graph_ops, jpeg_bytes, make_dicom, png_bytes
 from dinocxr_fast import prepare as prepare_cli
 from dinocxr_fast.data import ImageFolderSource, ViewsConfig, build_eval_loader, build_pretrain_loader, dali_available
 from dinocxr_fast.data.imageio import decode_pil, load_encoded
@@ -253,3 +253,45 @@ def test_blur_fast_path_matches_the_conv_form(sigma, window):
     k = torch.exp(-(t * t) / (2.0 * sigma * sigma))
     torch.testing.assert_close(torch_ops.gaussian_blur(x, sigma, window), torch_ops._blur_conv(x, k / k.sum(), r),
                                rtol=0, atol=1e-6)
+
+
+@pytest.mark.skipif(not dali_available(), reason="nvidia-dali is not installed")
+@pytest.mark.parametrize("raw", [None, "uint8", "uint16"])
+def test_gpu_graphs_decode_with_nvjpeg_or_take_prepared_pixels(raw):
+    """On a GPU the source graph decodes with device="mixed" (nvJPEG for JPEG) and the prepared
+    graph copies the pixels to the GPU with no decoder; every image operator runs on the GPU.
+    (Built and serialised here on the CPU; test_gpu_loaders_run below runs them on a GPU.)"""
+    from nvidia.dali import Pipeline
+
+    from dinocxr_fast.data.dali_graph import define_graph
+
+    pipe = Pipeline(batch_size=4, num_threads=1, device_id=None)
+    with pipe:
+        outs = define_graph(ViewsConfig.dino_cxr(), lambda: None, "gpu", raw)
+        pipe.set_outputs(*outs)
+    assert pipe.serialize() and {o.device for o in outs} == {"gpu"}
+    ops = set(graph_ops(outs))
+    decoders = {d for name, d in ops if name == "decoders__Image"}
+    assert decoders == (set() if raw else {"gpu"})  # "mixed" decodes on the host/nvJPEG, outputs on the GPU
+    for name in ("Resize", "GaussianBlur", "CropMirrorNormalize", "reductions__Mean"):
+        assert (name, "gpu") in ops and (name, "cpu") not in ops
+    with pytest.raises(ValueError, match="raw must be"):
+        define_graph(ViewsConfig.dino_cxr(), lambda: None, "gpu", "float32")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gpu_loaders_run(tmp_path, backend):
+    """On a GPU: JPEG sources through DALI's mixed (nvJPEG) decoder, and a prepared dataset through
+    external_source, give the CPU graph's views (within the GPU resampler's rounding)."""
+    root = tmp_path / "jpegs"
+    root.mkdir()
+    for k in range(8):
+        (root / f"person{k}_x.jpg").write_bytes(jpeg_bytes(noise(64, 80, k)))
+    prepare(root, tmp_path / "prep", Settings(short_side=48), progress=False)
+    for src in (ImageFolderSource(root, labelled=False), PreparedDataset(tmp_path / "prep").source(labelled=False)):
+        gpu = next(iter(build_pretrain_loader(src, VIEWS, 4, device="cuda", backend=backend, num_threads=2)))
+        cpu = next(iter(build_pretrain_loader(src, VIEWS, 4, device="cpu", backend=backend, num_threads=0 if backend == "torch" else 2)))
+        for g, c in zip(gpu, cpu):
+            assert g.device.type == "cuda"
+            assert (g.cpu() - c).abs().mean() < 0.02  # nvJPEG's IDCT and the GPU resampler round differently
