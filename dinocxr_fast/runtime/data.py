@@ -1,6 +1,7 @@
 """The trainer's data wiring: a config section -> a Source and its views."""
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -16,12 +17,20 @@ from dinocxr_fast.data import (
     ViewsConfig,
     dali_available,
 )
-from dinocxr_fast.data.prepared import PreparedDataset, PreparedSource, is_prepared
+from dinocxr_fast.data.prepared import INDEX, PreparedDataset, PreparedSource, is_prepared
 
 
 def _prepared(root: Path) -> PreparedDataset | None:
-    """The prepared dataset at ``root`` (``python -m dinocxr_fast.prepare``), if it is one."""
-    return PreparedDataset(root) if is_prepared(root) else None
+    """The prepared dataset at ``root`` (``python -m dinocxr_fast.prepare``), if it is one; opened
+    once per version of its index (the splits of a run and every kNN evaluation share it)."""
+    if not is_prepared(root):
+        return None
+    return _open_prepared(str(root.resolve()), (root / INDEX).stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _open_prepared(root: str, index_mtime_ns: int) -> PreparedDataset:
+    return PreparedDataset(root)
 
 
 def pretrain_source(data_cfg: dict, seed: int) -> Source:
