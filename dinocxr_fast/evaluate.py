@@ -130,14 +130,14 @@ def write_report(out_dir: Path, y_true: np.ndarray, probs: np.ndarray, classes: 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, out_dir: str | Path, *, split: str | None = None,
                         loader: str = "auto", n_boot: int = 1000, batch_size: int = 64, device: str = "auto") -> dict:
     from dinocxr_fast.classifier import load_classifier, predict  # noqa: PLC0415
-    from dinocxr_fast.data import EvalConfig, ImageFolderSource, build_eval_loader  # noqa: PLC0415
+    from dinocxr_fast.data import EvalConfig, build_eval_loader  # noqa: PLC0415
     from dinocxr_fast.runtime import data as data_setup  # noqa: PLC0415
 
     dev = data_setup.device_from(device)
     model, record = load_classifier(checkpoint, dev)
     root = Path(data).expanduser()
     folder = root / split if split else root
-    source = ImageFolderSource(folder, classes=record["classes"])
+    source = data_setup.split_source(root, split, record["classes"])
     eval_cfg = EvalConfig.from_dict(record["eval"])
     backend = data_setup.loader_backend({"loader": loader})
     dl = build_eval_loader(source, eval_cfg, batch_size, device=dev, backend=backend, num_threads=2)
@@ -156,7 +156,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, out_dir: str |
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dinocxr_fast.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="classifier.pt (or the run folder holding it)")
-    parser.add_argument("--data", required=True, help="labelled ImageFolder root (class sub-folders), or its parent with --split")
+    parser.add_argument("--data", required=True, help="labelled ImageFolder root (class sub-folders), or its parent with --split; or a prepared dataset (python -m dinocxr_fast.prepare)")
     parser.add_argument("--split", help="sub-folder of --data to score, e.g. test")
     parser.add_argument("--out", help="report folder (default: <checkpoint folder>/eval-<data name>)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (0: none)")

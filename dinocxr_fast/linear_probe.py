@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from dinocxr_fast.classifier import build_classifier, classifier_record, load_backbone, save_classifier
 from dinocxr_fast.data import Source, build_eval_loader
+from dinocxr_fast.data.prepared import PreparedSource
 from dinocxr_fast.evaluate import write_report
 from dinocxr_fast.metrics import classification_metrics
 from dinocxr_fast.runtime import checkpoint as ckpt
@@ -25,6 +26,8 @@ from dinocxr_fast.runtime.metrics import MetricsWriter, Progress
 
 
 def _source_fingerprint(source: Source) -> list:
+    if isinstance(source, PreparedSource):  # the stored pixels, wherever the source files are now
+        return [[s.path, s.label, source.dataset.entries[k].crc32] for s, k in zip(source.samples, source.entry_ids)]
     rows = []
     for s in source.samples:
         try:

@@ -49,9 +49,11 @@ class PretrainJob(TrainingJob):
         self.views = data_setup.views_config(cfg["data"], channels=in_chans)
         self.n_global = 2 if cfg["data"]["views"] == "dino_multicrop" else min(2, self.views.n_views)
         batch = int(cfg["optim"]["batch_size"])
+        source, shard_id, num_shards = data_setup.shard_for_rank(self.source, cfg["data"], self.dist.rank,
+                                                                 self.dist.world_size)
         self.loader = build_pretrain_loader(
-            self.source, self.views, batch, device=self.device, shard_id=self.dist.rank,
-            num_shards=self.dist.world_size, seed=seed, backend=data_setup.loader_backend(cfg["data"]),
+            source, self.views, batch, device=self.device, shard_id=shard_id,
+            num_shards=num_shards, seed=seed, backend=data_setup.loader_backend(cfg["data"]),
             num_threads=int(cfg["data"]["num_workers"]),
         )
         self.steps_per_epoch = len(self.loader)

@@ -59,6 +59,9 @@ done
 for name in bench_train bench_model bench_infer bench_data; do
   [ -f "benchmarks/$name.py" ] && step "$name --quick" 75 env DINOCXR_TRITON_CONFIG=0 "$PY" -m "benchmarks.$name" --quick --json "$json_dir/$name.json"
 done
+# --- issue 18: the data path on the GPU (DALI mixed/nvJPEG decoder, prepared pixels via external_source) ---
+step "data on the GPU (issue 18)" 60 "$PY" -m pytest -m cuda -q --no-header -p no:cacheprovider tests/test_data_prepared.py -k gpu_loaders
+# --- end issue 18 ---
 # facebookresearch/dino's own step beside ours: its three files travel with the call (run's carry:
 # .dino_ref, ignored by git; copy main_dino.py, utils.py, vision_transformer.py from a checkout).
 dino_repo=${DINO_REPO:-.dino_ref}

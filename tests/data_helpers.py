@@ -5,6 +5,7 @@ import io
 import os
 import struct
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -111,3 +112,14 @@ def gradient_image(h: int, w: int, hi: int = 255, dtype=np.uint8) -> np.ndarray:
     """A smooth test pattern: a diagonal ramp from 0 to ``hi``."""
     yy, xx = np.mgrid[0:h, 0:w]
     return np.rint((yy / (h - 1) + xx / (w - 1)) / 2 * hi).astype(dtype)
+
+
+def graph_ops(outputs) -> Counter:
+    """(operator, device) of every node behind the outputs of a DALI pipeline definition, counted."""
+    seen, stack = {}, [o.source for o in outputs]
+    while stack:
+        op = stack.pop()
+        if op.id not in seen:
+            seen[op.id] = (getattr(op._op, "schema_name", type(op._op).__name__), op.outputs[0].device)
+            stack += [i.source for i in op.inputs]
+    return Counter(seen.values())

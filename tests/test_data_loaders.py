@@ -13,6 +13,7 @@ import torch
 
 from data_helpers import (
     cxr_sample,
+    graph_ops,
     jpeg_bytes,
     link_tree,
     make_dicom,
@@ -285,17 +286,6 @@ def test_loader_errors(train24):
         next(iter(build_pretrain_loader(train24, SMALL, 4, shard_id=2, num_shards=2)))
 
 
-def _ops(outputs):
-    """(operator, device) of every node behind the outputs of a pipeline definition."""
-    seen, stack = {}, [o.source for o in outputs]
-    while stack:
-        op = stack.pop()
-        if op.id not in seen:
-            seen[op.id] = (getattr(op._op, "schema_name", type(op._op).__name__), op.outputs[0].device)
-            stack += [i.source for i in op.inputs]
-    return Counter(seen.values())
-
-
 @pytest.mark.parametrize("cfg", [ViewsConfig.dino_cxr(), ViewsConfig.dino_multicrop(n_local=2), EvalConfig()], ids=["cxr", "multicrop", "eval"])
 def test_gpu_graph_is_the_cpu_graph_with_the_image_on_the_gpu(cfg):
     """The mixed/GPU path cannot run here (no GPU; no DALI on the GPU machine). Check what can be
@@ -313,7 +303,7 @@ def test_gpu_graph_is_the_cpu_graph_with_the_image_on_the_gpu(cfg):
             pipe.set_outputs(*outs)
         assert pipe.serialize()
         assert {o.device for o in outs} == {device}
-        graphs[device] = _ops(outs)
+        graphs[device] = graph_ops(outs)
     cpu, gpu = graphs["cpu"], graphs["gpu"]
     assert gpu[("decoders__Image", "gpu")] == 1  # device="mixed" produces GPU output
     image_ops = {"Resize", "GaussianBlur", "CropMirrorNormalize", "reductions__Mean"}

@@ -56,7 +56,7 @@ class PreparedBatch:
     spec: BatchSpec
     indices: np.ndarray  # source index of the image in each slot (after substitution / drop)
     labels: np.ndarray  # int64
-    data: list[bytes]  # decoder-ready encoded images
+    data: list  # decoder-ready encoded images (bytes), or HxW pixel arrays from a prepared dataset
     infos: list[ImageInfo]
     params: list[np.ndarray]  # views: one float32 [B, N_PARAMS] per view; eval: one float32 [B, 4]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # found while preparing this batch
@@ -89,6 +89,13 @@ class BatchAssembler:
         self.on_bad = on_bad
         self.skip_log = skip_log if skip_log is not None else SkipLog()
         self._infos: dict[int, ImageInfo] = {}  # probe results, so later epochs skip the CRC walk
+        # A prepared dataset hands out decoded pixels (see ``prepared``): nothing to read or probe.
+        self.read_pixels = getattr(source, "read_pixels", None)
+
+    @property
+    def raw(self) -> bool:
+        """True when ``PreparedBatch.data`` holds pixel arrays rather than encoded bytes."""
+        return self.read_pixels is not None
 
     def mark_bad(self, index: int, reason: str) -> None:
         """Record a file found bad downstream (e.g. the decoder failed on it)."""
@@ -96,6 +103,8 @@ class BatchAssembler:
         self.skip_log.add(self.source[index].path, reason)
 
     def _load(self, index: int, found: list[tuple[str, str]]) -> tuple[bytes, ImageInfo] | None:
+        if self.read_pixels is not None:
+            return self.read_pixels(index)
         path = self.source[index].path
         if path in self.skip_log:
             return None

@@ -19,6 +19,7 @@ from .config import EvalConfig, ViewSpec, ViewsConfig
 from .planning import BRIGHTNESS, CONTRAST, FLIP, SIGMA, SOLARIZE, WINDOW
 
 U16_MAX = 65535.0
+U8_MAX = 255.0
 
 
 def _types():
@@ -51,12 +52,20 @@ def _decode(encoded, device: str):
     )
 
 
-def _view(img, p, spec: ViewSpec, cfg: ViewsConfig, dev: Callable):
+def _pixel_type(full: float):
+    """The resampler's output type: the input's own integer type (8-bit prepared pixels stay
+    8-bit, rounded like PIL's 8-bit resampler; everything else uint16)."""
+    types = _types()
+    return types.UINT8 if full == U8_MAX else types.UINT16
+
+
+def _view(img, p, spec: ViewSpec, cfg: ViewsConfig, dev: Callable, full: float = U16_MAX):
     """RRC -> brightness -> contrast -> blur -> solarise -> flip + normalise.
 
     An operation whose probability is 0 for this view is left out of the graph (on the CPU each
-    costs a pass over the view). ``scale`` tracks the value range: 65535 while the view is still
-    the resampler's uint16, 1 once the jitter has made it a float in [0, 1].
+    costs a pass over the view). ``scale`` tracks the value range: ``full`` (65535, or 255 for 8-bit
+    prepared pixels) while the view is still the resampler's integers, 1 once the jitter has made it
+    a float in [0, 1].
     """
     import nvidia.dali.math as dmath
     from nvidia.dali import fn
@@ -69,11 +78,11 @@ def _view(img, p, spec: ViewSpec, cfg: ViewsConfig, dev: Callable):
         size=[spec.size, spec.size],
         interp_type=_interp(cfg.interpolation),
         antialias=True,
-        dtype=types.UINT16,  # rounds and clips the cubic overshoot; twice as fast as float on CPU
+        dtype=_pixel_type(full),  # rounds and clips the cubic overshoot; twice as fast as float on CPU
     )
-    scale = U16_MAX
+    scale = full
     if spec.jitter_p > 0:
-        v = dmath.clamp(v * dev(p[BRIGHTNESS] * (1.0 / U16_MAX)), 0.0, 1.0)
+        v = dmath.clamp(v * dev(p[BRIGHTNESS] * (1.0 / full)), 0.0, 1.0)
         c = dev(p[CONTRAST])
         v = dmath.clamp(v * c + fn.reductions.mean(v) * (1.0 - c), 0.0, 1.0)
         scale = 1.0
@@ -96,7 +105,7 @@ def _view(img, p, spec: ViewSpec, cfg: ViewsConfig, dev: Callable):
     )
 
 
-def _eval_view(img, roi, cfg: EvalConfig):
+def _eval_view(img, roi, cfg: EvalConfig, full: float = U16_MAX):
     """Resize the centre-crop box to crop x crop, normalise (the 1/65535 folded into mean/std)."""
     from nvidia.dali import fn
 
@@ -108,29 +117,35 @@ def _eval_view(img, roi, cfg: EvalConfig):
         size=[cfg.crop, cfg.crop],
         interp_type=_interp(cfg.interpolation),
         antialias=True,
-        dtype=types.UINT16,  # rounds and clamps the cubic overshoot
+        dtype=_pixel_type(full),  # rounds and clamps the cubic overshoot
     )
     return fn.crop_mirror_normalize(
         v,
-        mean=[cfg.mean * U16_MAX],
-        std=[cfg.std * U16_MAX],
+        mean=[cfg.mean * full],
+        std=[cfg.std * full],
         dtype=_out_dtype(cfg.dtype),
         output_layout="CHW",
     )
 
 
-def define_graph(cfg: ViewsConfig | EvalConfig, source: Callable, device: str) -> tuple:
+def define_graph(cfg: ViewsConfig | EvalConfig, source: Callable, device: str, raw: str | None = None) -> tuple:
     """Create the operators inside an open ``with pipeline:`` block; returns the output nodes.
 
     ``source()`` returns ``(encoded_list, params_0, ..., params_{k-1})``: one params array per view,
-    or one ROI array for evaluation.
+    or one ROI array for evaluation. ``raw`` ("uint8" or "uint16"): the first output holds decoded
+    HxWx1 images of that type (a prepared dataset's pixels) instead of encoded files; the graph
+    then starts at the views, without a decoder.
     """
     from nvidia.dali import fn
 
     types = _types()
     if device not in ("cpu", "gpu"):
         raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
+    if raw not in (None, "uint8", "uint16"):
+        raise ValueError(f"raw must be None, 'uint8' or 'uint16', got {raw!r}")
     n_params = cfg.n_views if isinstance(cfg, ViewsConfig) else 1
+    full = U8_MAX if raw == "uint8" else U16_MAX
+    pixels = types.UINT8 if raw == "uint8" else types.UINT16
 
     def dev(node):
         return node.gpu() if device == "gpu" else node
@@ -139,13 +154,14 @@ def define_graph(cfg: ViewsConfig | EvalConfig, source: Callable, device: str) -
         source=source,
         num_outputs=1 + n_params,
         batch=True,
-        dtype=[types.UINT8] + [types.FLOAT] * n_params,
-        ndim=[1] * (1 + n_params),
+        dtype=[pixels if raw else types.UINT8] + [types.FLOAT] * n_params,
+        ndim=[3 if raw else 1] + [1] * n_params,
+        layout=["HWC" if raw else ""] + [""] * n_params,
     )
-    img = _decode(inputs[0], device)
+    img = dev(inputs[0]) if raw else _decode(inputs[0], device)
     if isinstance(cfg, ViewsConfig):
-        return tuple(_view(img, p, spec, cfg, dev) for p, spec in zip(inputs[1:], cfg.views))
-    return (_eval_view(img, inputs[1], cfg),)
+        return tuple(_view(img, p, spec, cfg, dev, full) for p, spec in zip(inputs[1:], cfg.views))
+    return (_eval_view(img, inputs[1], cfg, full),)
 
 
 def build_pipeline(
@@ -158,6 +174,7 @@ def build_pipeline(
     device_id: int | None,
     prefetch_queue_depth: int = 2,
     seed: int = 0,
+    raw: str | None = None,
 ):
     """A built pipeline whose outputs are the views (ViewsConfig) or the eval image (EvalConfig)."""
     from nvidia.dali import Pipeline
@@ -170,7 +187,7 @@ def build_pipeline(
         seed=seed,
     )
     with pipe:
-        pipe.set_outputs(*define_graph(cfg, source, device))
+        pipe.set_outputs(*define_graph(cfg, source, device, raw))
     pipe.build()
     return pipe
 

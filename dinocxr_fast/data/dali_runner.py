@@ -23,6 +23,7 @@ from .assemble import BatchAssembler, PreparedBatch
 from .config import EvalConfig, ViewsConfig
 from .dali_graph import build_decode_check, build_pipeline
 from .imageio import pgm_bytes
+from .prepared import pixels_to_u16
 from .planning import BRIGHTNESS, CONTRAST, N_PARAMS, SIGMA, WINDOW, X1, Y1, BatchSpec
 
 log = logging.getLogger("dinocxr_fast.data")
@@ -53,6 +54,7 @@ class _Feed:
         self.stream = _Peekable(stream)
         self.pending: collections.deque[PreparedBatch] = collections.deque()
         self.n_params = n_params
+        self.raw = _raw_dtype(assembler)
 
     def next_key(self) -> tuple[int, int]:
         spec = self.pending[0].spec if self.pending else self.stream.peek()
@@ -62,7 +64,12 @@ class _Feed:
         pb = self.assembler.prepare(next(self.stream))
         self.pending.append(pb)
         if not len(pb):
-            return ([_PLACEHOLDER], *(_placeholder_params(p.shape[1]) for p in pb.params))
+            placeholder = np.zeros((1, 1, 1), self.raw) if self.raw else _PLACEHOLDER
+            return ([placeholder], *(_placeholder_params(p.shape[1]) for p in pb.params))
+        if self.raw == "uint8":  # DALI copies the memory-mapped pixels once, into its own buffer
+            return ([d[..., None] for d in pb.data], *pb.params)
+        if self.raw:
+            return ([pixels_to_u16(d) for d in pb.data], *pb.params)
         return ([np.frombuffer(d, np.uint8) for d in pb.data], *pb.params)
 
 
@@ -73,6 +80,14 @@ def _placeholder_params(width: int) -> np.ndarray:
     if width == N_PARAMS:
         row[0, [BRIGHTNESS, CONTRAST, SIGMA, WINDOW]] = 1.0
     return row
+
+
+def _raw_dtype(assembler: BatchAssembler) -> str | None:
+    """The pixel type a prepared dataset feeds the graph: uint8 when all its images are 8-bit,
+    else uint16 (8-bit images scaled by 257, as the decoder does); None for encoded files."""
+    if not assembler.raw:
+        return None
+    return assembler.source.pixel_dtype
 
 
 def _error_summary(err: Exception) -> str:
@@ -127,6 +142,7 @@ class DaliRunner:
             device=self.dali_device,
             device_id=self.device_id,
             prefetch_queue_depth=self.prefetch_queue_depth,
+            raw=_raw_dtype(self.assembler),
         )
         self.rebuilds += 1
 
@@ -172,7 +188,7 @@ class DaliRunner:
 
     def _recover(self, err: RuntimeError, make_stream: Callable) -> None:
         pending = list(self._feed.pending)
-        if not pending:
+        if not pending or self.assembler.raw:  # prepared pixels are not decoded: not a data problem
             raise err
         bad = self._find_undecodable(pending)
         if not bad:

@@ -17,6 +17,7 @@ from .assemble import BatchAssembler, PreparedBatch
 from .config import EvalConfig, ViewsConfig
 from .imageio import CorruptImageError, decode_pil
 from .planning import BatchSpec
+from .prepared import pixels_to_pil
 from .torch_ops import render_eval, render_view
 
 
@@ -44,6 +45,8 @@ class _BatchDataset(Dataset):
 
     def _decode(self, pb: PreparedBatch, found: list[tuple[str, str]]) -> list | None:
         """PIL images of the batch, or None after recording the files that failed to decode."""
+        if self.assembler.raw:  # a prepared dataset's pixels: decoded already
+            return [pixels_to_pil(d) for d in pb.data]
         images, failed = [], False
         for index, data in zip(pb.indices, pb.data):
             try:

@@ -1,6 +1,8 @@
 """The trainer's data wiring: a config section -> a Source and its views."""
 from __future__ import annotations
 
+import functools
+import os
 from pathlib import Path
 
 import torch
@@ -15,6 +17,20 @@ from dinocxr_fast.data import (
     ViewsConfig,
     dali_available,
 )
+from dinocxr_fast.data.prepared import INDEX, PreparedDataset, PreparedSource, is_prepared
+
+
+def _prepared(root: Path) -> PreparedDataset | None:
+    """The prepared dataset at ``root`` (``python -m dinocxr_fast.prepare``), if it is one; opened
+    once per version of its index (the splits of a run and every kNN evaluation share it)."""
+    if not is_prepared(root):
+        return None
+    return _open_prepared(str(root.resolve()), (root / INDEX).stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _open_prepared(root: str, index_mtime_ns: int) -> PreparedDataset:
+    return PreparedDataset(root)
 
 
 def pretrain_source(data_cfg: dict, seed: int) -> Source:
@@ -25,6 +41,9 @@ def pretrain_source(data_cfg: dict, seed: int) -> Source:
     root = Path(path).expanduser()
     if not root.exists():
         raise DatasetError(f"data.path {root} does not exist")
+    prepared = _prepared(root)
+    if prepared is not None:
+        return prepared.source(data_cfg.get("split") or None, labelled=False)
     if data_cfg.get("split"):
         root = root / data_cfg["split"]
         if not root.is_dir():
@@ -58,11 +77,53 @@ def loader_backend(data_cfg: dict) -> str:
     return choice
 
 
+def shard_for_rank(source: Source, data_cfg: dict, rank: int, world_size: int) -> tuple[Source, int, int]:
+    """(source, shard id, number of shards) of this rank. ``data.shard_by: rank`` (default): every
+    rank draws from the whole dataset. ``node`` (prepared datasets, multi-node torchrun): node k
+    reads only the pixel files k, k + N, ... (a node-local copy of its part is enough) and its ranks
+    shard that part; every node keeps as many images as the smallest, so all ranks run the same steps."""
+    mode = data_cfg.get("shard_by", "rank")
+    if mode not in ("rank", "node"):
+        raise ValueError(f"unknown data.shard_by={mode!r} (rank, node)")
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if mode == "rank" or world_size <= local:
+        return source, rank, world_size
+    if not isinstance(source, PreparedSource):
+        raise ValueError("data.shard_by=node needs a prepared dataset (python -m dinocxr_fast.prepare)")
+    if world_size % local:
+        raise ValueError(f"data.shard_by=node: world size {world_size} is not a multiple of LOCAL_WORLD_SIZE {local}")
+    nodes = world_size // local
+    parts = [source.for_node(n, nodes) for n in range(nodes)]
+    keep = min(len(p) for p in parts)
+    mine = parts[rank // local]
+    return mine.with_samples(mine.samples[:keep]), rank % local, local
+
+
 def labelled_split(root: str | Path, split: str) -> Source:
+    prepared = _prepared(Path(root).expanduser())
+    if prepared is not None:
+        return prepared.source(split, labelled=True)
     folder = Path(root).expanduser() / split
     if not folder.is_dir():
         raise DatasetError(f"{folder} does not exist (the kNN monitor needs {Path(root)}/train and /val)")
     return ImageFolderSource(folder)
+
+
+def has_split(root: str | Path, split: str) -> bool:
+    prepared = _prepared(Path(root).expanduser())
+    if prepared is not None:
+        return split in prepared.splits
+    return (Path(root).expanduser() / split).is_dir()
+
+
+def split_source(root: str | Path, split: str | None, classes) -> Source:
+    """A labelled split (or the root itself) of an ImageFolder or a prepared dataset, its labels
+    indexed by ``classes``."""
+    root = Path(root).expanduser()
+    prepared = _prepared(root)
+    if prepared is not None:
+        return prepared.source(split, classes=classes, labelled=True)
+    return ImageFolderSource(root / split if split else root, classes=classes)
 
 
 def eval_config(size: int, channels: int) -> EvalConfig:
@@ -97,16 +158,15 @@ def supervised_sources(data_cfg: dict) -> tuple[Source, Source, Source, str]:
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"data.label_fraction must be in (0, 1], got {fraction}")
     classes = list(train.classes)
-    val_dir, test_dir = root / data_cfg["val_split"], root / data_cfg["test_split"]
-    if not val_dir.is_dir():
-        raise DatasetError(f"{val_dir} does not exist (a validation split is needed)")
-    if test_dir.is_dir():
-        val, test, test_split = ImageFolderSource(val_dir, classes=classes), ImageFolderSource(test_dir, classes=classes), \
-            data_cfg["test_split"]
+    val_split, test_split = data_cfg["val_split"], data_cfg["test_split"]
+    if not has_split(root, val_split):
+        raise DatasetError(f"{root / val_split} does not exist (a validation split is needed)")
+    if has_split(root, test_split):
+        val, test = split_source(root, val_split, classes), split_source(root, test_split, classes)
     else:
         held_out, rest = split_by_patient(train.samples, 0.2, int(data_cfg["label_seed"]))
         train, val = train.with_samples(rest), train.with_samples(held_out)
-        test, test_split = ImageFolderSource(val_dir, classes=classes), data_cfg["val_split"]
+        test, test_split = split_source(root, val_split, classes), val_split
     if fraction < 1.0:
         train = train.label_fraction(fraction, int(data_cfg["label_seed"]))
     return train, val, test, test_split
