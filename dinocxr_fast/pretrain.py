@@ -348,6 +348,13 @@ class PretrainJob(TrainingJob):
         if self.is_main and self.save_backbone:
             self.export_backbone()
 
+    def startup_fields(self) -> list[tuple[str, object]]:
+        knn = self.knn_sources()
+        return [("model", f"{self.cfg['model']['arch']}, DINO head K={self.cfg['model']['out_dim']}"),
+                ("data", f"{len(self.source)} images from {self.source.root}"),
+                ("views", f"{self.views.n_views} x {[v.size for v in self.views.views]} px"),
+                ("kNN monitor", f"{knn[2]}, every {self.cfg['train']['knn_every']} epoch(s)" if knn else "off")]
+
     def summary_lines(self, last: dict | None) -> list[str]:
         lines = [
             f"- model: {self.cfg['model']['arch']}, data: {self.source.root} ({len(self.source)} images), views: "
@@ -359,13 +366,13 @@ class PretrainJob(TrainingJob):
             "- `checkpoint-*.pt`: resumable checkpoints (student, teacher, optimiser, centre, data position, RNG)",
         ]
         if self.save_backbone:
-            lines.append("- `teacher_backbone.safetensors`: the teacher backbone weights for downstream use")
+            lines.append(f"- `{BACKBONE_NAME}`: the teacher backbone weights for downstream use")
         lines += ["", "## Did it learn?", *self.learning_lines(last)]
         lines += ["", "## Next"]
         if self.step < self.total_steps:
             lines.append(f"- continue this run: `python -m dinocxr_fast.train pretrain --out {self.run_dir} --resume auto`")
-        lines.append(f"- export the teacher backbone: `python -m dinocxr_fast.train pretrain --out {self.run_dir} "
-                     "--resume auto --save-backbone`")
+        lines.append(f"- export the teacher backbone (seconds, no training): "
+                     f"`python -m dinocxr_fast.train export-backbone {self.run_dir}`")
         lines.append(f"- linear evaluation of the teacher backbone: `python -m dinocxr_fast.train linear --pretrained "
                      f"{self.run_dir} --data LABELLED_ROOT` (train/ and val/ class folders)")
         lines.append(f"- fine-tuning: `python -m dinocxr_fast.train finetune --pretrained {self.run_dir} --data LABELLED_ROOT`")
@@ -415,9 +422,31 @@ class PretrainJob(TrainingJob):
                   file=sys.stderr, flush=True)
 
     def export_backbone(self) -> Path:
-        path = self.run_dir / "teacher_backbone.safetensors"
-        m = self.cfg["model"]
-        ckpt.export_safetensors(self.teacher.backbone.state_dict(), path, metadata={
-            "arch": m["arch"], "in_chans": str(m["in_chans"]), "step": str(self.step), "source": "dinocxr_fast pretrain teacher"})
-        return path
+        return write_teacher_backbone(self.teacher.backbone.state_dict(), self.cfg["model"], self.step,
+                                      self.run_dir / BACKBONE_NAME)
 
+
+BACKBONE_NAME = "teacher_backbone.safetensors"
+
+
+def write_teacher_backbone(state_dict: dict, model_cfg: dict, step: int, path: Path) -> Path:
+    ckpt.export_safetensors(state_dict, path, metadata={
+        "arch": model_cfg["arch"], "in_chans": str(model_cfg["in_chans"]), "step": str(step),
+        "source": "dinocxr_fast pretrain teacher"})
+    return path
+
+
+def export_backbone_from_run(run: Path, out: Path | None = None) -> tuple[Path, int]:
+    """The teacher backbone of a pretraining run's latest checkpoint as safetensors, without
+    building the model or training: (the file written, the checkpoint's step)."""
+    run = Path(run)
+    path = run if run.is_file() else ckpt.latest(run)
+    if path is None:
+        raise ckpt.CheckpointError(f"no checkpoint in {run} (a pretraining run folder holds checkpoint-*.pt)")
+    state = ckpt.load(path)
+    if state.get("format") != PretrainJob.FORMAT:
+        raise ckpt.CheckpointError(f"{path} is a {state.get('format')!r} checkpoint, not a pretraining one")
+    prefix = "backbone."
+    backbone = {k[len(prefix):]: v for k, v in state["teacher"].items() if k.startswith(prefix)}
+    target = Path(out) if out else path.parent / BACKBONE_NAME
+    return write_teacher_backbone(backbone, state["config"]["model"], int(state["step"]), target), int(state["step"])
