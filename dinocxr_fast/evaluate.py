@@ -6,7 +6,6 @@ bootstrap interval), ``roc.png`` and ``confusion.png``.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
@@ -15,8 +14,8 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 
+from dinocxr_fast.cli import parser as cli_parser
 from dinocxr_fast.metrics import SCALAR_METRICS, bootstrap_ci, classification_metrics, roc_curve
 
 log = logging.getLogger("dinocxr_fast.evaluate")
@@ -127,16 +126,27 @@ def write_report(out_dir: Path, y_true: np.ndarray, probs: np.ndarray, classes: 
     return metrics
 
 
+def check_split(root: Path, split: str | None) -> None:
+    """A missing folder or split is one line naming the splits that exist."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"--data {root}: no such folder")
+    if split and not (root / split).is_dir():
+        present = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        raise FileNotFoundError(f"--split {split}: {root} has no {split}/ folder (it has: {', '.join(present) or 'none'}); "
+                                f"pick one of those, e.g. --split {present[-1] if present else 'val'}")
+
+
 def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, out_dir: str | Path, *, split: str | None = None,
                         loader: str = "auto", n_boot: int = 1000, batch_size: int = 64, device: str = "auto") -> dict:
     from dinocxr_fast.classifier import load_classifier, predict  # noqa: PLC0415
     from dinocxr_fast.data import EvalConfig, ImageFolderSource, build_eval_loader  # noqa: PLC0415
     from dinocxr_fast.runtime import data as data_setup  # noqa: PLC0415
 
-    dev = data_setup.device_from(device)
-    model, record = load_classifier(checkpoint, dev)
     root = Path(data).expanduser()
     folder = root / split if split else root
+    check_split(root, split)
+    dev = data_setup.device_from(device)
+    model, record = load_classifier(checkpoint, dev)
     source = ImageFolderSource(folder, classes=record["classes"])
     eval_cfg = EvalConfig.from_dict(record["eval"])
     backend = data_setup.loader_backend({"loader": loader})
@@ -154,14 +164,15 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, out_dir: str |
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dinocxr_fast.evaluate", description=__doc__.splitlines()[0])
+    parser = cli_parser("python -m dinocxr_fast.evaluate", __doc__.split("\n\n")[1].strip())
     parser.add_argument("--checkpoint", required=True, help="classifier.pt (or the run folder holding it)")
     parser.add_argument("--data", required=True, help="labelled ImageFolder root (class sub-folders), or its parent with --split")
-    parser.add_argument("--split", help="sub-folder of --data to score, e.g. test")
-    parser.add_argument("--out", help="report folder (default: <checkpoint folder>/eval-<data name>)")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (0: none)")
-    parser.add_argument("--loader", default="auto", choices=("auto", "dali", "torch"))
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--split", help="sub-folder of --data to score, e.g. val or test; default: --data itself")
+    parser.add_argument("--out", help="report folder; default: <checkpoint folder>/eval-<data name>[-<split>]")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95 %% CIs (0: none)")
+    parser.add_argument("--loader", default="auto", choices=("auto", "dali", "torch"),
+                        help="image decoding: DALI, the PIL/torch DataLoader, or DALI when installed")
+    parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
     args = parser.parse_args(argv)
     ckpt_path = Path(args.checkpoint)
     out = Path(args.out) if args.out else (ckpt_path if ckpt_path.is_dir() else ckpt_path.parent) / \
@@ -179,5 +190,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    torch.set_grad_enabled(False)
     sys.exit(main())

@@ -9,6 +9,7 @@ epoch the model is scored on the validation split; the best one (by ``eval.selec
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +112,7 @@ class FinetuneJob(TrainingJob):
             raise ValueError(f"unknown optim.class_weighting={o['class_weighting']!r} (balanced, none)")
         self.class_weights = torch.tensor(weights, dtype=torch.float32, device=self.device)
         self.best = {"metric": -math.inf, "epoch": None}
+        self._val_seconds = 0.0
         if resume is not None:
             self.resume_from(resume)
         self.save_effective_config()
@@ -177,9 +179,18 @@ class FinetuneJob(TrainingJob):
                                  eval_cfg=self.eval_cfg.to_dict(),
                                  extra={"pretrained": self.pretrained_from, "best": dict(self.best)})
 
+    def end_reserve(self) -> float:
+        # the final test scoring, estimated from the last validation pass (none measured yet: 0);
+        # under DDP only rank 0 validates, and every rank must stop at the same step: no reserve
+        if self.dist.enabled:
+            return 0.0
+        return self._val_seconds * len(self.test_src) / max(len(self.val_src), 1)
+
     def on_epoch_end(self, epoch: int, progress: Progress) -> None:
         if self.is_main:
+            t0 = time.monotonic()
             y, probs = self._score(self.val_src)
+            self._val_seconds = time.monotonic() - t0
             metrics = classification_metrics(y, probs)
             key = self.cfg["eval"]["select_by"]
             value = metrics[key] if not math.isnan(metrics[key]) else metrics["accuracy"]

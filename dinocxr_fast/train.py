@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from dinocxr_fast import cli
+from dinocxr_fast.cli import parser as cli_parser
 from dinocxr_fast.config import ConfigError, list_presets, load_config
 
 SUBCOMMANDS = {
@@ -28,26 +30,30 @@ DEFAULT_PRESET = "tiny_cpu"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m dinocxr_fast.train",
-        description="DINO-CXR self-supervised pretraining of ViTAEv2 on chest X-rays.",
-        epilog="Any config key can be set with --set section.key=value (see dinocxr_fast/configs/base.yaml).",
+    subcommands = "\n".join(f"  {name:<16} {what}" for name, what in SUBCOMMANDS.items())
+    parser = cli_parser(
+        "python -m dinocxr_fast.train [pretrain]",
+        "DINO-CXR self-supervised pretraining of ViTAEv2 on chest X-rays.\n\nsubcommands (each has its own "
+        f"--help):\n{subcommands}",
+        "Any config key can be set with --set section.key=value (see dinocxr_fast/configs/base.yaml); options "
+        "without a default shown take the preset's value.",
     )
     parser.add_argument("--preset", help=f"config preset or YAML file ({', '.join(list_presets())}); default: "
                         f"{DEFAULT_PRESET}, or the run's own config.yaml with --resume")
-    parser.add_argument("--data", help="image folder to pretrain on (default: synthetic phantoms)")
+    parser.add_argument("--data", help="image folder to pretrain on; of a root with train/ (val/, test/) only train/ "
+                        "is read (data.split); default: synthetic phantoms")
     parser.add_argument("--out", help="run folder (default: runs/<preset>-<timestamp>)")
     parser.add_argument("--resume", help="'auto' (latest checkpoint in --out, or the newest run of the preset) or a checkpoint/run folder")
     parser.add_argument("--save-backbone", action="store_true", help="export the teacher backbone as safetensors at the end")
     parser.add_argument("--knn-data", help="labelled ImageFolder root with train/ and val/ for the periodic kNN monitor")
-    parser.add_argument("--epochs", type=int, help="train.epochs")
-    parser.add_argument("--batch-size", type=int, help="optim.batch_size (per process)")
-    parser.add_argument("--lr", type=float, help="optim.lr")
+    parser.add_argument("--epochs", type=int, help="train.epochs: passes over the data")
+    parser.add_argument("--batch-size", type=int, help="optim.batch_size: images per step and process")
+    parser.add_argument("--lr", type=float, help="optim.lr: base learning rate")
     parser.add_argument("--max-steps", type=int, help="train.max_steps: stop after this many steps in all")
-    parser.add_argument("--device", help="train.device (auto, cpu, cuda)")
-    parser.add_argument("--views", choices=("dino_cxr", "dino_multicrop"), help="data.views")
-    parser.add_argument("--backend", help="fused-op backend: auto, cpp, cuda, triton, torch")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    parser.add_argument("--device", help="train.device: auto (GPU when present), cpu or cuda")
+    parser.add_argument("--views", choices=("dino_cxr", "dino_multicrop"), help="data.views: the paper's fixed-size views or DINO's multi-crop")
+    parser.add_argument("--backend", help="dino.backend, the fused-op backend: auto, cpp, cuda, triton or torch")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. optim.lr=3e-4 (repeatable)")
     parser.add_argument("--quiet", action="store_true", help="no progress display")
     return parser
 
@@ -149,22 +155,23 @@ def resolve_resume(resume: str | None, out: Path | None, preset: str) -> Path | 
 def build_supervised_parser(command: str) -> argparse.ArgumentParser:
     what = {"finetune": "Fine-tune a (pretrained) backbone with a linear classifier.",
             "linear": "Linear evaluation: frozen backbone, cached features, a grid of linear heads."}[command]
-    parser = argparse.ArgumentParser(prog=f"python -m dinocxr_fast.train {command}", description=what,
-                                     epilog="Any key of dinocxr_fast/configs/supervised_base.yaml can be set with --set.")
+    parser = cli_parser(f"python -m dinocxr_fast.train {command}", what,
+                        "Any key of dinocxr_fast/configs/supervised_base.yaml can be set with --set; options without a "
+                        "default shown take the preset's value.")
     parser.add_argument("--pretrained", help="pretraining run folder, checkpoint, or backbone .safetensors; 'none' = random init")
     parser.add_argument("--data", help="labelled ImageFolder root with train/ and val/ (and test/); required unless resuming")
-    parser.add_argument("--label-fraction", type=float, help="data.label_fraction: 0.01, 0.1, 1.0 ...")
+    parser.add_argument("--label-fraction", type=float, help="data.label_fraction: the share of labelled training images used, e.g. 0.01, 0.1, 1.0")
     parser.add_argument("--preset", help="supervised preset or YAML file (e.g. supervised_tiny_cpu)")
     parser.add_argument("--out", help=f"run folder (default: runs/{command}-<timestamp>)")
-    parser.add_argument("--epochs", type=int, help="train.epochs")
-    parser.add_argument("--batch-size", type=int, help="optim.batch_size (fine-tuning, per process)")
-    parser.add_argument("--lr", type=float, help="optim.lr (fine-tuning)")
-    parser.add_argument("--device", help="train.device (auto, cpu, cuda)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    parser.add_argument("--epochs", type=int, help="train.epochs: passes over the training images")
+    parser.add_argument("--batch-size", type=int, help="optim.batch_size: fine-tuning images per step and process")
+    parser.add_argument("--lr", type=float, help="optim.lr: fine-tuning base learning rate")
+    parser.add_argument("--device", help="train.device: auto (GPU when present), cpu or cuda")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. optim.lr=3e-4 (repeatable)")
     parser.add_argument("--quiet", action="store_true", help="no progress display")
     if command == "finetune":
         parser.add_argument("--resume", help="'auto' (latest checkpoint in --out) or a checkpoint/run folder")
-        parser.add_argument("--max-steps", type=int, help="train.max_steps")
+        parser.add_argument("--max-steps", type=int, help="train.max_steps: stop after this many steps in all")
     return parser
 
 
@@ -282,8 +289,7 @@ def pretrain(argv: list[str]) -> int:
 
 
 def export_backbone(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dinocxr_fast.train export-backbone",
-                                     description=SUBCOMMANDS["export-backbone"] + ".")
+    parser = cli_parser("python -m dinocxr_fast.train export-backbone", SUBCOMMANDS["export-backbone"] + ".")
     parser.add_argument("run", help="pretraining run folder (its latest checkpoint is read) or a checkpoint file")
     parser.add_argument("--out", help="safetensors file to write (default: RUN/teacher_backbone.safetensors)")
     args = parser.parse_args(argv)
@@ -296,6 +302,14 @@ def export_backbone(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    cli.mark_command_start()
+    try:
+        return _main(argv)
+    finally:
+        cli.clear_command_start()
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = "pretrain"
     if argv and not argv[0].startswith("-"):

@@ -17,6 +17,7 @@ from typing import Iterable
 
 import torch
 
+from dinocxr_fast.cli import command_start
 from dinocxr_fast.config import save_config
 from dinocxr_fast.runtime import checkpoint as ckpt
 from dinocxr_fast.runtime import data as data_setup
@@ -83,7 +84,8 @@ class TrainingJob:
         self.epochs = int(t["epochs"])
         # the steps this run's schedules span (a subclass fitting them to a budget lowers it)
         self.planned_steps: int | None = None
-        self.t_start = time.monotonic()  # train.max_minutes counts from here: set-up included
+        # train.max_minutes is the wall time of the whole command: imports and set-up included
+        self.t_start = command_start()
 
     @property
     def total_steps(self) -> int:
@@ -129,6 +131,14 @@ class TrainingJob:
 
     def on_finish(self) -> None:
         pass
+
+    def end_reserve(self) -> float:
+        """Seconds the work after the loop (on_finish: a final evaluation, a report) will take, kept
+        free of the train.max_minutes budget."""
+        return 0.0
+
+    def _out_of_time(self, deadline: float | None) -> bool:
+        return deadline is not None and time.monotonic() + self.end_reserve() > deadline
 
     def summary_lines(self, last: dict | None) -> list[str]:
         return []
@@ -271,12 +281,12 @@ class TrainingJob:
                     if self.step % ckpt_every == 0:
                         self._checkpoint(progress)
                     self.on_step_end(deadline, progress)
-                    if self._signal or (deadline and time.monotonic() > deadline):
+                    if self._signal or self._out_of_time(deadline):
                         break
                 if self._signal:
                     self.stop = StopReason("signal", self._signal)
                     break
-                if deadline and time.monotonic() > deadline:
+                if self._out_of_time(deadline):
                     self.stop = StopReason("max_minutes", f"{t['max_minutes']} min")
                     break
                 if self.step % self.steps_per_epoch == 0:  # an epoch ended: a checkpoint, as base.yaml promises
