@@ -88,6 +88,16 @@ SAFE_AT_RESUME = {
 }
 
 
+PER_COMMAND_BUDGETS = ("max_steps", "max_minutes")
+
+
+def merge_overrides(first: dict, second: dict) -> dict:
+    out = {k: dict(v) for k, v in first.items()}
+    for section, values in second.items():
+        out.setdefault(section, {}).update(values)
+    return out
+
+
 def _flat(cfg: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in cfg.items():
@@ -105,8 +115,11 @@ def resume_config(run_dir: Path, overrides: dict, sets: list[str], *, base: str 
     saved = Path(run_dir) / "config.yaml"
     if not saved.is_file():
         return None
-    cfg = load_config(str(saved), base=base)
-    wanted = load_config(str(saved), overrides, sets, base=base)
+    # train.max_steps / max_minutes budget one command, not the run: a resume runs to the run's end
+    # unless they are given again (the printed "continue this run" must continue it)
+    budgets = {"train": dict.fromkeys(PER_COMMAND_BUDGETS)}
+    cfg = load_config(str(saved), budgets, base=base)
+    wanted = load_config(str(saved), merge_overrides(budgets, overrides), sets, base=base)
     before, after = _flat(cfg), _flat(wanted)
     changes = [(k, before.get(k), v) for k, v in after.items() if before.get(k) != v]
     unsafe = [k for k, _, _ in changes if k.split(".", 1)[1] not in SAFE_AT_RESUME.get(k.split(".", 1)[0], ())]

@@ -80,7 +80,7 @@ def test_pretrain_summary_next_steps_work(tmp_path, monkeypatch):
     steps = summary_next_steps(run)
     cont = steps["continue this run"]
     assert train.main(cont[3:] + ["--max-steps", "3", "--quiet"]) == 0
-    assert "train.max_steps 2 -> 3" in (run / "resume-changes.log").read_text()
+    assert "train.max_steps None -> 3" in (run / "resume-changes.log").read_text()
     assert "synthetic_count: 16" in (run / "config.yaml").read_text()  # the run's own config, kept
     before = sorted(p.name for p in run.glob("checkpoint-*.pt"))
     exp = next(v for k, v in steps.items() if k.startswith("export the teacher backbone"))
