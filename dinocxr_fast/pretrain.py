@@ -292,12 +292,17 @@ class PretrainJob(TrainingJob):
 
     def _knn(self, epoch: int, progress: Progress | None) -> None:
         t0 = time.monotonic()
+        sources = self.knn_sources()
+        if sources is not None and self.is_main:  # the pass takes a while: say so before it
+            line = (f"epoch {epoch}: kNN monitor, teacher features of {len(sources[0])} + {len(sources[1])} images "
+                    f"({sources[2]}) ...")
+            _say(progress, line)
         acc = self.knn_eval()
         if acc is not None:
             self.metrics.write({"step": self.step, "epoch": epoch, "knn_acc": acc}, self.step)
             self.knn_trace.append((self.step, acc))
-            line = f"epoch {epoch}: kNN accuracy {acc:.4f} on {self.knn_sources()[2]}"
-            progress.write(line) if progress is not None else print(line, file=sys.stderr, flush=True)
+            line = f"epoch {epoch}: kNN accuracy {acc:.4f} on {sources[2]} ({time.monotonic() - t0:.1f} s)"
+            _say(progress, line)
             if self._budget is not None:  # the time budget keeps room for the last kNN pass
                 self._budget["reserve"] = time.monotonic() - t0
         distributed.barrier()
@@ -427,6 +432,14 @@ class PretrainJob(TrainingJob):
 
 
 BACKBONE_NAME = "teacher_backbone.safetensors"
+
+
+def _say(progress: Progress | None, line: str) -> None:
+    """A line beside the progress display (or on stderr once the loop has closed it)."""
+    if progress is not None:
+        progress.write(line)
+    else:
+        print(line, file=sys.stderr, flush=True)
 
 
 def write_teacher_backbone(state_dict: dict, model_cfg: dict, step: int, path: Path) -> Path:
