@@ -1,4 +1,5 @@
 """Build dinocxr_fast and its extension dinocxr_fast._C (pybind11 through torch.utils.cpp_extension).
+The package's metadata and dependencies are in pyproject.toml; this file only builds.
 
     pip install -e . --no-build-isolation        # CPU ops always; CUDA ops when torch has CUDA and nvcc exists
     DINOCXR_CUDA=1 pip install ...                # require the CUDA build (fails clearly if impossible)
@@ -88,23 +89,10 @@ packages = find_packages(include=["dinocxr_fast", "dinocxr_fast.*"])
 packages += ["dinocxr_fast.kernels", "dinocxr_fast.kernels.triton"]
 
 setup(
-    name="dinocxr_fast",
-    version="0.1.0",
-    description="DINO-CXR self-supervised pretraining of ViTAEv2 on chest X-rays, with fused Triton/CUDA kernels",
-    python_requires=">=3.10",
     packages=packages,
     package_dir={"dinocxr_fast.kernels": "kernels"},
     package_data={"dinocxr_fast": ["configs/*.yaml"], "dinocxr_fast.kernels": ["cuda/*.cu", "cuda/*.cuh"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
-    install_requires=["torch", "numpy", "pyyaml", "safetensors", "tqdm", "pillow", "matplotlib"],
-    extras_require={
-        "triton": ["triton"],
-        "dali": ["nvidia-dali-cuda130"],
-        "dicom": ["pydicom"],
-        "export": ["onnx", "onnxruntime"],
-        "logging": ["tensorboard"],
-        "test": ["pytest", "onnx", "onnxruntime", "pydicom", "tensorboard"],
-    },
     zip_safe=False,
 )

@@ -6,7 +6,6 @@ bootstrap interval), ``roc.png`` and ``confusion.png``.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
@@ -15,8 +14,8 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 
+from dinocxr_fast.cli import parser as cli_parser
 from dinocxr_fast.metrics import SCALAR_METRICS, bootstrap_ci, classification_metrics, roc_curve
 
 log = logging.getLogger("dinocxr_fast.evaluate")
@@ -29,43 +28,68 @@ def evaluate_predictions(y_true: np.ndarray, probs: np.ndarray, n_boot: int = 10
     return metrics
 
 
-def plot_roc(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], path: Path, title: str) -> None:
+def _wrapped(title: str) -> str:
+    import textwrap  # noqa: PLC0415
+
+    return "\n".join(textwrap.wrap(title, 48))
+
+
+def plot_roc(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], path: Path, title: str,
+             metrics: dict | None = None) -> None:
+    """ROC curve(s) with the number of images and, for two classes, the AUC with its 95 % interval
+    and the operating point of the reported predictions (the most probable class)."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(4.6, 4.8), dpi=100)
     targets = [1] if probs.shape[1] == 2 else range(probs.shape[1])
+    counts = np.bincount(np.asarray(y_true, dtype=np.int64), minlength=len(classes))
+    ci = (metrics or {}).get("ci95", {}).get("roc_auc")
     for c in targets:
         fpr, tpr, _ = roc_curve(y_true == c, probs[:, c])
         auc = float(np.trapezoid(tpr, fpr))
-        ax.plot(fpr, tpr, lw=2, label=f"{classes[c]} (AUC {auc:.3f})")
+        interval = f", 95 % CI {ci[0]:.3f}-{ci[1]:.3f}" if ci is not None and len(targets) == 1 else ""
+        ax.plot(fpr, tpr, lw=2, label=f"{classes[c]}: AUC {auc:.3f}{interval}")
+    if metrics is not None and len(classes) == 2:
+        cm = np.asarray(metrics["confusion_matrix"], dtype=np.float64)
+        point = (cm[0, 1] / max(cm[0].sum(), 1), cm[1, 1] / max(cm[1].sum(), 1))
+        ax.plot(*point, "o", ms=8, mfc="none", mec="black", mew=1.5,
+                label=f"operating point (most probable class): sens {point[1]:.2f}, spec {1 - point[0]:.2f}")
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
+    n = ", ".join(f"{counts[i]} {name}" for i, name in enumerate(classes))
     ax.set(xlabel="false positive rate (1 - specificity)", ylabel="true positive rate (sensitivity)",
-           xlim=(0, 1), ylim=(0, 1.01), title=title)
-    ax.legend(loc="lower right", fontsize=8)
+           xlim=(0, 1), ylim=(0, 1.01))
+    ax.set_title(_wrapped(title) + f"\n{int(counts.sum())} images ({n})", fontsize=8)
+    ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
 def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path, title: str) -> None:
+    """Counts and row percentages (the share of each true class given each prediction)."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     cm = np.asarray(cm)
-    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(classes), 1.4 + 1.0 * len(classes)), dpi=120)
-    ax.imshow(cm, cmap="Blues")
+    rows = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(2.4 + 1.2 * len(classes), 2.2 + 1.0 * len(classes)), dpi=100)
+    shown = ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
     for i in range(cm.shape[0]):
         for j in range(cm.shape[1]):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center",
-                    color="white" if cm[i, j] > cm.max() / 2 else "black")
+            ax.text(j, i, f"{cm[i, j]}\n{rows[i, j]:.0%}", ha="center", va="center", fontsize=9,
+                    color="white" if rows[i, j] > 0.5 else "black")
     ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
     ax.set_yticks(range(len(classes)), classes)
-    ax.set(xlabel="predicted", ylabel="true", title=title)
+    ax.set_xlabel("predicted (most probable class)")
+    ax.set_ylabel("true")
+    ax.set_title(_wrapped(title) + f"\n{int(cm.sum())} images; counts and % of each true class", fontsize=8)
+    bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
+    bar.set_label("share of the true class", fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -108,7 +132,7 @@ def write_report(out_dir: Path, y_true: np.ndarray, probs: np.ndarray, classes: 
     (out_dir / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
     if paths is not None:
         write_predictions(out_dir / "predictions.csv", paths, y_true, probs, classes)
-    plot_roc(y_true, probs, classes, out_dir / "roc.png", title)
+    plot_roc(y_true, probs, classes, out_dir / "roc.png", title, metrics)
     plot_confusion(np.array(metrics["confusion_matrix"]), classes, out_dir / "confusion.png", title)
     lines = [f"# {title}", ""]
     lines += [f"- {k}: {v}" for k, v in meta.items()]
@@ -127,16 +151,36 @@ def write_report(out_dir: Path, y_true: np.ndarray, probs: np.ndarray, classes: 
     return metrics
 
 
+def run_label(checkpoint: str | Path) -> str:
+    """RUN/classifier.pt, naming the run a figure is about."""
+    path = Path(checkpoint)
+    path = path / "classifier.pt" if path.is_dir() else path
+    return f"{path.parent.name}/{path.name}"
+
+
+def check_split(root: Path, split: str | None) -> None:
+    """A missing folder or split is one line naming the splits that exist."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"--data {root}: no such folder")
+    from dinocxr_fast.runtime import data as data_setup  # noqa: PLC0415  (torch: after --help)
+
+    if split and not data_setup.has_split(root, split):
+        present = data_setup.split_names(root)
+        raise FileNotFoundError(f"--split {split}: {root} has no {split}/ folder (it has: {', '.join(present) or 'none'}); "
+                                f"pick one of those, e.g. --split {present[-1] if present else 'val'}")
+
+
 def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, out_dir: str | Path, *, split: str | None = None,
                         loader: str = "auto", n_boot: int = 1000, batch_size: int = 64, device: str = "auto") -> dict:
     from dinocxr_fast.classifier import load_classifier, predict  # noqa: PLC0415
     from dinocxr_fast.data import EvalConfig, build_eval_loader  # noqa: PLC0415
     from dinocxr_fast.runtime import data as data_setup  # noqa: PLC0415
 
-    dev = data_setup.device_from(device)
-    model, record = load_classifier(checkpoint, dev)
     root = Path(data).expanduser()
     folder = root / split if split else root
+    check_split(root, split)
+    dev = data_setup.device_from(device)
+    model, record = load_classifier(checkpoint, dev)
     source = data_setup.split_source(root, split, record["classes"])
     eval_cfg = EvalConfig.from_dict(record["eval"])
     backend = data_setup.loader_backend({"loader": loader})
@@ -150,18 +194,21 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, out_dir: str |
             "eval_transform": f"resize {eval_cfg.resize}, centre crop {eval_cfg.crop}",
             "unreadable_files_skipped": len(skipped)}
     return write_report(Path(out_dir), labels.numpy(), probs.numpy(), record["classes"], paths=source.paths(),
-                        title=f"Evaluation of {Path(checkpoint).name} on {folder.name}", meta=meta, n_boot=n_boot)
+                        title=f"Evaluation of {run_label(checkpoint)}, reported split: {folder.name}/", meta=meta,
+                        n_boot=n_boot)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dinocxr_fast.evaluate", description=__doc__.splitlines()[0])
+    parser = cli_parser("python -m dinocxr_fast.evaluate", __doc__.split("\n\n")[1].strip())
     parser.add_argument("--checkpoint", required=True, help="classifier.pt (or the run folder holding it)")
-    parser.add_argument("--data", required=True, help="labelled ImageFolder root (class sub-folders), or its parent with --split; or a prepared dataset (python -m dinocxr_fast.prepare)")
-    parser.add_argument("--split", help="sub-folder of --data to score, e.g. test")
-    parser.add_argument("--out", help="report folder (default: <checkpoint folder>/eval-<data name>)")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (0: none)")
-    parser.add_argument("--loader", default="auto", choices=("auto", "dali", "torch"))
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--data", required=True, help="labelled ImageFolder root (class sub-folders), or its parent with "
+                        "--split; or a prepared dataset (python -m dinocxr_fast.prepare)")
+    parser.add_argument("--split", help="sub-folder of --data to score, e.g. val or test; default: --data itself")
+    parser.add_argument("--out", help="report folder; default: <checkpoint folder>/eval-<data name>[-<split>]")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95 %% CIs (0: none)")
+    parser.add_argument("--loader", default="auto", choices=("auto", "dali", "torch"),
+                        help="image decoding: DALI, the PIL/torch DataLoader, or DALI when installed")
+    parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
     args = parser.parse_args(argv)
     ckpt_path = Path(args.checkpoint)
     out = Path(args.out) if args.out else (ckpt_path if ckpt_path.is_dir() else ckpt_path.parent) / \
@@ -179,5 +226,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    torch.set_grad_enabled(False)
     sys.exit(main())

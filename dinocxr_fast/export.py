@@ -9,7 +9,6 @@ beside each artefact as ``<name>.json``; ``infer`` reads it.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
@@ -18,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
-import torch
+from dinocxr_fast.cli import parser as cli_parser
 
 STANDARD_DOMAINS = ("", "ai.onnx")
 
@@ -75,17 +74,9 @@ def read_metadata(artefact: Path) -> dict:
     return json.loads(path.read_text())
 
 
-class _Features(torch.nn.Module):
-    def __init__(self, classifier):
-        super().__init__()
-        self.backbone = classifier.backbone
-
-    def forward(self, x):
-        return self.backbone(x)
-
-
 def export_onnx(checkpoint: str | Path, out: str | Path, *, features_only: bool = False, opset: int = 17) -> Path:
     import onnx  # noqa: PLC0415
+    import torch  # noqa: PLC0415 - after argument parsing: --help stays fast
 
     from dinocxr_fast.classifier import load_classifier  # noqa: PLC0415
 
@@ -93,7 +84,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, features_only: bool 
     if checkpoint.is_dir():
         checkpoint = checkpoint / "classifier.pt"
     model, record = load_classifier(checkpoint, "cpu")
-    module = _Features(model).eval() if features_only else model.eval()
+    module = model.backbone.eval() if features_only else model.eval()
     size = int(record["eval"]["crop"])
     dummy = torch.zeros(2, int(record["model"]["in_chans"]), size, size)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -123,6 +114,8 @@ def tensorrt_available() -> str | None:
         import tensorrt  # noqa: F401, PLC0415
     except ImportError:
         return "tensorrt is not installed (pip install tensorrt)"
+    import torch  # noqa: PLC0415
+
     if not torch.cuda.is_available():
         return "TensorRT needs a CUDA GPU"
     return None
@@ -131,11 +124,11 @@ def tensorrt_available() -> str | None:
 def build_tensorrt(onnx_path: str | Path, plan_path: str | Path, *, precision: str = "fp16", max_batch: int = 64,
                    opt_batch: int = 16, timing_cache: str | Path | None = None, calibration_images=None,
                    workspace_gb: float = 4.0) -> Path:
-    import tensorrt as trt  # noqa: PLC0415
-
     reason = tensorrt_available()
     if reason:
         raise RuntimeError(reason)
+    import tensorrt as trt  # noqa: PLC0415
+
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
     meta = read_metadata(onnx_path)
     logger = trt.Logger(trt.Logger.WARNING)
@@ -187,6 +180,7 @@ def build_tensorrt(onnx_path: str | Path, plan_path: str | Path, *, precision: s
 
 def _EntropyCalibrator(images, cache_path: Path):  # noqa: N802 - a class factory: tensorrt is optional
     import tensorrt as trt  # noqa: PLC0415
+    import torch  # noqa: PLC0415
 
     class Calibrator(trt.IInt8EntropyCalibrator2):
         """Feeds preprocessed image batches (a float tensor [N, C, S, S]) in chunks of 16."""
@@ -217,25 +211,35 @@ def _EntropyCalibrator(images, cache_path: Path):  # noqa: N802 - a class factor
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dinocxr_fast.export", description=__doc__.splitlines()[0])
+    parser = cli_parser("python -m dinocxr_fast.export", __doc__.split("\n\n")[1].strip())
     parser.add_argument("--checkpoint", required=True, help="classifier.pt (from train finetune / linear) or its run folder")
-    parser.add_argument("--out", required=True, help="ONNX file to write")
+    parser.add_argument("--out", required=True, help="ONNX file to write (metadata beside it as <file>.json)")
     parser.add_argument("--features", action="store_true", help="export the backbone features instead of the logits")
-    parser.add_argument("--opset", type=int, default=17)
-    parser.add_argument("--trt", help="also build a TensorRT engine here (needs a GPU and tensorrt)")
-    parser.add_argument("--precision", default="fp16", choices=("fp32", "fp16", "int8"))
-    parser.add_argument("--max-batch", type=int, default=64)
-    parser.add_argument("--timing-cache", help="TensorRT timing cache file, reused across builds")
-    parser.add_argument("--calibration", help="INT8: a folder of images for calibration")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset version")
+    parser.add_argument("--trt", metavar="PLAN", help="also build a TensorRT engine here (needs a CUDA GPU and the "
+                        "tensorrt package; checked before any work)")
+    parser.add_argument("--precision", default="fp16", choices=("fp32", "fp16", "int8"),
+                        help="TensorRT precision (--trt only); int8 needs --calibration")
+    parser.add_argument("--max-batch", type=int, default=64, help="TensorRT: largest batch of the engine's profile")
+    parser.add_argument("--timing-cache", help="TensorRT timing cache file, reused across builds; "
+                        "default: PLAN with the suffix .timing-cache")
+    parser.add_argument("--calibration", help="INT8: a folder of images for calibration (--precision int8)")
     args = parser.parse_args(argv)
+    # options that cannot work are refused before the ONNX export, in one line
+    problem = None
+    if args.trt:
+        problem = tensorrt_available()
+        if problem is None and args.precision == "int8" and not args.calibration:
+            problem = "--precision int8 needs --calibration DIR"
+    if problem:
+        print(f"error: --trt {args.trt}: {problem}; nothing was written", file=sys.stderr)
+        return 1
     try:
         onnx_path = export_onnx(args.checkpoint, args.out, features_only=args.features, opset=args.opset)
         print(f"wrote {onnx_path} and {onnx_path}.json (onnx.checker passed; standard nodes only)")
         if args.trt:
             calib = None
             if args.precision == "int8":
-                if not args.calibration:
-                    raise ValueError("--precision int8 needs --calibration DIR")
                 from dinocxr_fast.infer import load_images_for_model  # noqa: PLC0415
 
                 calib, _ = load_images_for_model(args.calibration, read_metadata(onnx_path))

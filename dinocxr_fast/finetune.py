@@ -9,6 +9,7 @@ epoch the model is scored on the validation split; the best one (by ``eval.selec
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +112,7 @@ class FinetuneJob(TrainingJob):
             raise ValueError(f"unknown optim.class_weighting={o['class_weighting']!r} (balanced, none)")
         self.class_weights = torch.tensor(weights, dtype=torch.float32, device=self.device)
         self.best = {"metric": -math.inf, "epoch": None}
+        self._val_seconds = 0.0
         if resume is not None:
             self.resume_from(resume)
         self.save_effective_config()
@@ -177,9 +179,18 @@ class FinetuneJob(TrainingJob):
                                  eval_cfg=self.eval_cfg.to_dict(),
                                  extra={"pretrained": self.pretrained_from, "best": dict(self.best)})
 
+    def end_reserve(self) -> float:
+        # the final test scoring, estimated from the last validation pass (none measured yet: 0);
+        # under DDP only rank 0 validates, and every rank must stop at the same step: no reserve
+        if self.dist.enabled:
+            return 0.0
+        return self._val_seconds * len(self.test_src) / max(len(self.val_src), 1)
+
     def on_epoch_end(self, epoch: int, progress: Progress) -> None:
         if self.is_main:
+            t0 = time.monotonic()
             y, probs = self._score(self.val_src)
+            self._val_seconds = time.monotonic() - t0
             metrics = classification_metrics(y, probs)
             key = self.cfg["eval"]["select_by"]
             value = metrics[key] if not math.isnan(metrics[key]) else metrics["accuracy"]
@@ -192,9 +203,12 @@ class FinetuneJob(TrainingJob):
         distributed.barrier()
 
     def on_finish(self) -> None:
-        if not self.is_main or self.stop.kind != "done":
+        # Every clean stop (done, train.max_steps, train.max_minutes) leaves classifier.pt (the best
+        # epoch so far) and report/; a signal stop leaves the checkpoint to resume from, and the
+        # summary says what exists.
+        if not self.is_main or self.stop.kind == "signal":
             return
-        if self.best["epoch"] is None:  # no epoch finished: keep the current weights
+        if self.best["epoch"] is None:  # no validation pass yet: keep the current weights
             save_classifier(self._record(), self.run_dir / "classifier.pt")
         from dinocxr_fast.classifier import load_classifier  # noqa: PLC0415
 
@@ -205,20 +219,42 @@ class FinetuneJob(TrainingJob):
             y, probs = self._score(self.test_src)
         finally:
             self.model = current
+        selection, reported = data_setup.split_names(self.cfg["data"], self.test_split)
         write_report(self.run_dir / "report", y, probs, self.classes, paths=self.test_src.paths(),
-                     title=f"Fine-tuned {self.cfg['model']['arch']} on {self.test_split}",
-                     meta={"pretrained": self.pretrained_from, "label_fraction": self.cfg["data"]["label_fraction"],
-                           "train_images": len(self.train_src), "best_epoch": self.best["epoch"],
-                           "selected_by": f"validation {self.best.get('select_by', self.cfg['eval']['select_by'])}"},
+                     title=f"Fine-tuned {self.cfg['model']['arch']} ({self.run_dir.name}), reported split: {reported}",
+                     meta={"run": str(self.run_dir), "pretrained": self.pretrained_from,
+                           "label_fraction": self.cfg["data"]["label_fraction"],
+                           "train_images": len(self.train_src),
+                           "best_epoch": self.best["epoch"] if self.best["epoch"] is not None else
+                           f"none (stopped by {self.stop.kind} before the first validation: the last weights)",
+                           "selection split": f"{selection} ({self.best.get('select_by', self.cfg['eval']['select_by'])})",
+                           "reported split": reported},
                      n_boot=int(self.cfg["eval"]["bootstrap"]))
 
+    def startup_fields(self) -> list[tuple[str, object]]:
+        selection, reported = data_setup.split_names(self.cfg["data"], self.test_split)
+        return [("model", f"{self.cfg['model']['arch']} from {self.pretrained_from}"),
+                ("data", f"{self.cfg['data']['path']}: train {len(self.train_src)} images (label fraction "
+                         f"{self.cfg['data']['label_fraction']}), selection split {selection} {len(self.val_src)}, "
+                         f"reported split {reported} {len(self.test_src)}")]
+
     def summary_lines(self, last: dict | None) -> list[str]:
+        selection, reported = data_setup.split_names(self.cfg["data"], self.test_split)
+        key = self.cfg["eval"]["select_by"]
         lines = [f"- model: {self.cfg['model']['arch']} from {self.pretrained_from}; {len(self.train_src)} training "
                  f"images (label fraction {self.cfg['data']['label_fraction']}), classes {self.classes}",
-                 f"- best validation {self.cfg['eval']['select_by']}: {self.best['metric']:.4f} (epoch {self.best['epoch']})"
-                 if self.best["epoch"] is not None else "- no validation pass yet"]
-        if (self.run_dir / "report" / "report.md").is_file():
-            lines.append(f"- test report: {self.run_dir / 'report' / 'report.md'}")
-        lines.append(f"- classifier: {self.run_dir / 'classifier.pt'} (evaluate: `python -m dinocxr_fast.evaluate "
-                     f"--checkpoint {self.run_dir / 'classifier.pt'} --data DATA_ROOT --split test`)")
+                 f"- selection split: {selection}; reported split: {reported}",
+                 f"- best {key} on the selection split: {self.best['metric']:.4f} (epoch {self.best['epoch']})"
+                 if self.best["epoch"] is not None else "- no validation pass on the selection split yet"]
+        report, classifier = self.run_dir / "report" / "report.md", self.run_dir / "classifier.pt"
+        if report.is_file():
+            lines.append(f"- report on the reported split: {report}")
+        else:
+            lines.append(f"- no report/: the run was stopped by {self.stop.kind} ({self.stop.detail}); resume it to finish "
+                         f"(`python -m dinocxr_fast.train finetune --out {self.run_dir} --resume auto`)")
+        if classifier.is_file():
+            lines.append(f"- classifier: {classifier} (evaluate: `python -m dinocxr_fast.evaluate "
+                         f"--checkpoint {classifier} --data {self.cfg['data']['path']} --split {self.test_split}`)")
+        else:
+            lines.append(f"- no classifier.pt: stopped by {self.stop.kind} before the first validation pass")
         return lines

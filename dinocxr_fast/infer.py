@@ -7,28 +7,31 @@ writes DINO-style self-attention overlays (per head and their mean) from the tor
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-import torch
 
-from dinocxr_fast.data import EvalConfig, Sample, Source, build_eval_loader
-from dinocxr_fast.data.sources import IMAGE_EXTENSIONS
+from dinocxr_fast.cli import parser as cli_parser
 from dinocxr_fast.runtime.metrics import Progress
+
+# torch and the data package are imported where they are used: `infer --help` answers at once
 
 BACKEND_BY_SUFFIX = {".plan": "tensorrt", ".engine": "tensorrt", ".onnx": "onnxruntime", ".pt": "torch"}
 
 
 def collect_images(inputs: Sequence[str]) -> list[str]:
+    """Image files named, and those under the folders named (hidden files and folders skipped)."""
+    from dinocxr_fast.data.sources import IMAGE_EXTENSIONS  # noqa: PLC0415
+
     files: list[str] = []
     for item in inputs:
         p = Path(item).expanduser()
         if p.is_dir():
-            files += sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+            files += sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()
+                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
         else:
             files.append(str(p))  # a missing or unreadable file is reported in the CSV
     if not files:
@@ -36,7 +39,9 @@ def collect_images(inputs: Sequence[str]) -> list[str]:
     return files
 
 
-def eval_config_from(meta: dict) -> EvalConfig:
+def eval_config_from(meta: dict):
+    from dinocxr_fast.data import EvalConfig  # noqa: PLC0415
+
     i = meta["input"]
     return EvalConfig(resize=int(i["resize"]), crop=int(i["size"]), mean=float(i["mean"]), std=float(i["std"]),
                       channels=int(i["channels"]), interpolation=i.get("interpolation", "bicubic"))
@@ -44,6 +49,7 @@ def eval_config_from(meta: dict) -> EvalConfig:
 
 def preprocess_batches(files: list[str], meta: dict, batch_size: int, device, loader: str = "auto"):
     """(indices into files, images) per batch, and the loader (its .skipped names the bad files)."""
+    from dinocxr_fast.data import Sample, Source, build_eval_loader  # noqa: PLC0415
     from dinocxr_fast.runtime import data as data_setup  # noqa: PLC0415
 
     source = Source([Sample(f, 0, None) for f in files], ["_"], root="inference inputs")
@@ -54,6 +60,8 @@ def preprocess_batches(files: list[str], meta: dict, batch_size: int, device, lo
 
 def load_images_for_model(folder: str, meta: dict) -> tuple[torch.Tensor, list[str]]:
     """Every readable image of ``folder`` preprocessed for the model (INT8 calibration)."""
+    import torch  # noqa: PLC0415
+
     files = collect_images([folder])
     dl = preprocess_batches(files, meta, 32, "cpu")
     try:
@@ -65,6 +73,8 @@ def load_images_for_model(folder: str, meta: dict) -> tuple[torch.Tensor, list[s
 
 # ---- runners: images [B, C, S, S] float32 -> logits [B, K] numpy ------------------------------
 def torch_runner(checkpoint: Path, device) -> tuple[Callable, dict, torch.nn.Module]:
+    import torch  # noqa: PLC0415
+
     from dinocxr_fast.classifier import load_classifier  # noqa: PLC0415
 
     model, record = load_classifier(checkpoint, device)
@@ -103,6 +113,7 @@ def tensorrt_runner(path: Path) -> tuple[Callable, dict]:
     if reason:
         raise RuntimeError(reason)
     import tensorrt as trt  # noqa: PLC0415
+    import torch  # noqa: PLC0415
 
     meta = read_metadata(path)
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
@@ -184,78 +195,115 @@ def run_inference(files: list[str], runner: Callable, meta: dict, out_csv: Path,
 
 
 # ---- attention maps ------------------------------------------------------------------------------
+def whole_image_input(path: str, meta: dict):
+    """(model input [1, C, S, S], the radiograph as a float array in 0..1): the whole image resized
+    to the model's input size, not the evaluation centre crop, so no part of the lungs is cut off."""
+    import torch  # noqa: PLC0415
+
+    from dinocxr_fast.data.imageio import decode_pil, load_encoded  # noqa: PLC0415
+
+    i = meta["input"]
+    size, channels = int(i["size"]), int(i["channels"])
+    image = np.asarray(decode_pil(load_encoded(path)[0]), dtype=np.float32) / 255.0
+    x = torch.from_numpy(image)[None, None]
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+    x = ((x - float(i["mean"])) / float(i["std"])).expand(1, channels, size, size).contiguous()
+    return x, image
+
+
+ATTENTION_CAPTION = ("attention each location receives in the last block's self-attention, averaged over all "
+                     "query tokens (the model has no class token); whole radiograph resized to the model input")
+
+
 def attention_overlays(model: torch.nn.Module, files: list[str], meta: dict, out_dir: Path, limit: int = 16) -> list[Path]:
     """For each image: how much attention each location of the last block receives (mean over
-    queries), per head and averaged over heads, upsampled and overlaid on the X-ray."""
+    queries), averaged over heads (with a colour bar) and per head, over the whole radiograph;
+    titled with the file name, the prediction and its probability."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
+    import torch  # noqa: PLC0415
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    dl = preprocess_batches(files[:limit], meta, 8, "cpu")
+    classes = list(meta["classes"])
+    device = next(model.parameters()).device
     written = []
-    backbone = model.backbone
-    std, mean = float(meta["input"]["std"]), float(meta["input"]["mean"])
-    try:
-        for images, _ in dl:
-            with torch.no_grad():
-                attn = backbone.get_last_selfattention(images.to(next(model.parameters()).device)).float().cpu()
-            if attn.dim() != 4:
-                raise RuntimeError("attention maps need full attention in the last stage")
-            b, heads, n, _ = attn.shape
-            side_h = images.shape[2] // 32
-            side_w = images.shape[3] // 32
-            received = attn.mean(2).reshape(b, heads, side_h, side_w)  # mean over queries
-            up = torch.nn.functional.interpolate(received, size=images.shape[2:], mode="bilinear", align_corners=False)
-            for j, idx in enumerate(dl.batch_indices):
-                xray = (images[j, 0] * std + mean).clamp(0, 1).numpy()
-                maps = [up[j, h].numpy() for h in range(heads)] + [up[j].mean(0).numpy()]
-                titles = [f"head {h}" for h in range(heads)] + ["mean"]
-                fig, axes = plt.subplots(1, len(maps) + 1, figsize=(2.2 * (len(maps) + 1), 2.4), dpi=110)
-                axes[0].imshow(xray, cmap="gray")
-                axes[0].set_title("input", fontsize=8)
-                for ax, m, title in zip(axes[1:], maps, titles):
-                    ax.imshow(xray, cmap="gray")
-                    ax.imshow((m - m.min()) / (m.max() - m.min() + 1e-12), cmap="jet", alpha=0.45)
-                    ax.set_title(title, fontsize=8)
-                for ax in axes:
-                    ax.axis("off")
-                fig.tight_layout()
-                path = out_dir / f"{Path(files[idx]).stem}_attention.png"
-                fig.savefig(path)
-                plt.close(fig)
-                written.append(path)
-    finally:
-        dl.close()
+    for path in files[:limit]:
+        x, xray = whole_image_input(path, meta)
+        with torch.no_grad():
+            probs = torch.softmax(model(x.to(device)).float(), 1)[0].cpu().numpy()
+            attn = model.backbone.get_last_selfattention(x.to(device)).float().cpu()
+        if attn.dim() != 4:
+            raise RuntimeError("attention maps need full attention in the last stage")
+        heads, side = attn.shape[1], x.shape[2] // 32
+        received = attn[0].mean(1).reshape(heads, side, side)  # mean over queries
+        up = torch.nn.functional.interpolate(received[None], size=xray.shape, mode="bilinear", align_corners=False)[0]
+        maps = [up.mean(0).numpy()] + [up[h].numpy() for h in range(heads)]
+        titles = ["mean of heads"] + [f"head {h}" for h in range(heads)]
+        fig, axes = plt.subplots(1, len(maps) + 1, figsize=(2.0 * (len(maps) + 1) + 0.6, 2.9), dpi=90)
+        axes[0].imshow(xray, cmap="gray")
+        axes[0].set_title("input", fontsize=8)
+        for k, (ax, m, title) in enumerate(zip(axes[1:], maps, titles)):
+            m = (m - m.min()) / (m.max() - m.min() + 1e-12)
+            ax.imshow(xray, cmap="gray")
+            shown = ax.imshow(m, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            ax.set_title(title, fontsize=8)
+            if k == 0:
+                bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
+                bar.set_label("attention received (min-max scaled)", fontsize=6)
+                bar.ax.tick_params(labelsize=6)
+        for ax in axes:
+            ax.axis("off")
+        top = int(probs.argmax())
+        fig.suptitle(f"{Path(path).name}: predicted {classes[top]} (p = {probs[top]:.3f})", fontsize=9)
+        fig.text(0.5, 0.02, ATTENTION_CAPTION, ha="center", fontsize=6, wrap=True)
+        fig.tight_layout(rect=(0, 0.06, 1, 0.93))
+        target = out_dir / f"{Path(path).stem}_attention.png"
+        fig.savefig(target)
+        plt.close(fig)
+        written.append(target)
     return written
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dinocxr_fast.infer", description=__doc__.splitlines()[0])
-    parser.add_argument("inputs", nargs="+", help="image files and/or folders")
-    parser.add_argument("--model", required=True, help="model.plan (TensorRT), model.onnx, or classifier.pt")
+    parser = cli_parser("python -m dinocxr_fast.infer", __doc__.split("\n\n")[1].strip())
+    parser.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively, hidden files skipped)")
+    parser.add_argument("--model", required=True, help="model.plan (TensorRT: needs a GPU and tensorrt), model.onnx "
+                        "(ONNX Runtime), or classifier.pt / its run folder (PyTorch)")
     parser.add_argument("--backend", choices=("tensorrt", "onnxruntime", "torch"), help="default: from the file suffix")
-    parser.add_argument("--out", default="predictions.csv", help="CSV to write")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--loader", default="auto", choices=("auto", "dali", "torch"))
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--attention-maps", metavar="DIR", help="write attention overlays (torch backend)")
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--out", default="predictions.csv", help="CSV to write; an existing file is kept unless --overwrite")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out CSV")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per batch")
+    parser.add_argument("--loader", default="auto", choices=("auto", "dali", "torch"),
+                        help="image decoding: DALI, the PIL/torch DataLoader, or DALI when installed")
+    parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
+    parser.add_argument("--attention-maps", metavar="DIR", help="also write attention overlays of the first 16 images "
+                        "here; needs the PyTorch model (--model classifier.pt or its run folder)")
+    parser.add_argument("--quiet", action="store_true", help="no progress display")
     args = parser.parse_args(argv)
+    # refuse what cannot work before any work, one line each
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        print(f"error: {out} exists; pass --overwrite to replace it or choose another --out", file=sys.stderr)
+        return 1
+    model_path = Path(args.model)
+    backend = args.backend or ("torch" if model_path.is_dir() else BACKEND_BY_SUFFIX.get(model_path.suffix))
+    if args.attention_maps and backend != "torch":
+        print(f"error: --attention-maps needs the PyTorch model (--model classifier.pt or its run folder), "
+              f"not {args.model} ({backend}); nothing was written", file=sys.stderr)
+        return 1
     from dinocxr_fast.runtime import data as data_setup  # noqa: PLC0415
 
     try:
         device = data_setup.device_from(args.device)
         files = collect_images(args.inputs)
         runner, meta, model = make_runner(args.model, args.backend, device)
-        summary = run_inference(files, runner, meta, Path(args.out), batch_size=args.batch_size, loader=args.loader,
+        summary = run_inference(files, runner, meta, out, batch_size=args.batch_size, loader=args.loader,
                                 device=device, show_progress=not args.quiet)
         print(f"wrote {args.out}: {summary['ok']} of {summary['images']} images classified, "
               f"{summary['errors']} unreadable (listed in the CSV)")
         if args.attention_maps:
-            if model is None:
-                raise ValueError("--attention-maps needs the torch model (--model classifier.pt)")
             ok = [f for f in files if Path(f).is_file()]
             written = attention_overlays(model, ok, meta, Path(args.attention_maps))
             print(f"wrote {len(written)} attention overlays to {args.attention_maps}")

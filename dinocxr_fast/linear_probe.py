@@ -22,7 +22,7 @@ from dinocxr_fast.evaluate import write_report
 from dinocxr_fast.metrics import classification_metrics
 from dinocxr_fast.runtime import checkpoint as ckpt
 from dinocxr_fast.runtime import data as data_setup
-from dinocxr_fast.runtime.metrics import MetricsWriter, Progress
+from dinocxr_fast.runtime.metrics import MetricsWriter, Progress, print_startup
 
 
 def _source_fingerprint(source: Source) -> list:
@@ -50,16 +50,22 @@ def cache_key(backbone: torch.nn.Module, sources: dict[str, Source], eval_cfg: d
 
 
 @torch.no_grad()
-def extract_features(backbone, source: Source, eval_cfg, device, loader_backend: str, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+def extract_features(backbone, source: Source, eval_cfg, device, loader_backend: str, autocast,
+                     progress_desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen-backbone features of every image of ``source``; with ``progress_desc``, a progress
+    line per batch (the extraction is the long part of a linear evaluation)."""
     loader = build_eval_loader(source, eval_cfg, 64, device=device, backend=loader_backend, num_threads=2)
+    progress = Progress(len(loader), enabled=progress_desc is not None, unit="batch", desc=progress_desc)
     backbone.eval()
     feats, labels = [], []
     try:
-        for images, y in loader:
+        for i, (images, y) in enumerate(loader, start=1):
             with autocast():
                 feats.append(backbone(images).float().cpu())
             labels.append(y.cpu())
+            progress.update(i, {"images": str(sum(len(f) for f in feats))})
     finally:
+        progress.close()
         loader.close()
     return torch.cat(feats), torch.cat(labels)
 
@@ -131,6 +137,14 @@ def run_linear(cfg: dict, run_dir: Path, *, show_progress: bool = True) -> dict:
     eval_cfg = data_setup.eval_config(d["image_size"], in_chans)
     sources = {"train": train_src, "val": val_src, "test": test_src}
 
+    selection, reported = data_setup.split_names(d, test_split)
+    print_startup("linear evaluation", [
+        ("run folder", run_dir), ("device", f"{device}, {precision}"), ("loader", data_setup.loader_backend(d)),
+        ("model", f"{m['arch']} (frozen) from {origin}"),
+        ("data", f"{d['path']}: train {len(train_src)} images (label fraction {d['label_fraction']}), "
+                 f"selection split {selection} {len(val_src)}, reported split {reported} {len(test_src)}"),
+        ("schedule", f"{len(lin['lrs']) * len(lin['weight_decays'])} linear heads x {lin['epochs']} epochs on "
+                     f"{eval_cfg.crop} px features")])
     key = cache_key(model.backbone, sources, eval_cfg.to_dict())
     cache_dir = Path(lin["cache_dir"]).expanduser() if lin["cache_dir"] else run_dir / "features"
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -144,7 +158,8 @@ def run_linear(cfg: dict, run_dir: Path, *, show_progress: bool = True) -> dict:
         backend = data_setup.loader_backend(d)
         feats = {}
         for split, src in sources.items():
-            x, y = extract_features(model.backbone, src, eval_cfg, device, backend, autocast)
+            x, y = extract_features(model.backbone, src, eval_cfg, device, backend, autocast,
+                                    progress_desc=f"features of {split} ({len(src)} images)" if show_progress else None)
             feats[split] = {"x": x, "y": y}
         ckpt.atomic_torch_save(feats, cache)
         cached = False
@@ -161,7 +176,7 @@ def run_linear(cfg: dict, run_dir: Path, *, show_progress: bool = True) -> dict:
         cw = torch.tensor(counts.sum() / (len(classes) * np.maximum(counts, 1)), dtype=torch.float32)
     else:
         cw = torch.ones(len(classes))
-    progress = Progress(int(lin["epochs"]), enabled=show_progress)
+    progress = Progress(int(lin["epochs"]), enabled=show_progress, unit="epoch", desc="linear heads")
     t1 = time.perf_counter()
     w, b, grid = train_head_grid(norm(feats["train"]["x"]), feats["train"]["y"], len(classes), list(lin["lrs"]),
                                  list(lin["weight_decays"]), epochs=int(lin["epochs"]),
@@ -196,10 +211,12 @@ def run_linear(cfg: dict, run_dir: Path, *, show_progress: bool = True) -> dict:
     save_classifier(record, run_dir / "classifier.pt")
     y_test = feats["test"]["y"].numpy()
     report = write_report(run_dir / "report", y_test, probs_of("test", best), classes, paths=test_src.paths(),
-                          title=f"Linear evaluation of {m['arch']} on {test_split}",
-                          meta={"pretrained": origin, "label_fraction": d["label_fraction"], "train_images": len(train_src),
-                                "head": f"lr {grid[best][0]}, weight decay {grid[best][1]} (best validation {select} "
-                                        f"{results[best]['val_' + select]:.4f} of {len(grid)} heads)",
+                          title=f"Linear evaluation of {m['arch']} ({run_dir.name}), reported split: {reported}",
+                          meta={"run": str(run_dir), "pretrained": origin, "label_fraction": d["label_fraction"],
+                                "train_images": len(train_src),
+                                "selection split": f"{selection} ({select})", "reported split": reported,
+                                "head": f"lr {grid[best][0]}, weight decay {grid[best][1]} (best {select} on the "
+                                        f"selection split {results[best]['val_' + select]:.4f} of {len(grid)} heads)",
                                 "features": f"{'cached' if cached else 'extracted'} in {extract_s:.1f} s ({cache.name})"},
                           n_boot=int(cfg["eval"]["bootstrap"]))
     summary = {"pretrained": origin, "grid": results, "best": results[best], "test": {k: report[k] for k in (
@@ -208,7 +225,7 @@ def run_linear(cfg: dict, run_dir: Path, *, show_progress: bool = True) -> dict:
         "feature_dim": int(w.shape[1]), "heads": len(grid)}
     (run_dir / "linear_results.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"linear evaluation: {len(grid)} heads in {train_s:.1f} s on {'cached' if cached else 'fresh'} features; "
-          f"best lr={grid[best][0]} wd={grid[best][1]} (val {select} {results[best]['val_' + select]:.4f}); "
-          f"{test_split}: accuracy {report['accuracy']:.4f}, AUC {report['roc_auc']:.4f}, F1 {report['f1']:.4f}; "
+          f"best lr={grid[best][0]} wd={grid[best][1]} (selection split {selection}: {select} "
+          f"{results[best]['val_' + select]:.4f}); reported split {reported}: accuracy {report['accuracy']:.4f}, AUC {report['roc_auc']:.4f}, F1 {report['f1']:.4f}; "
           f"report in {run_dir / 'report'}", flush=True)
     return summary

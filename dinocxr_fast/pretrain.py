@@ -294,12 +294,17 @@ class PretrainJob(TrainingJob):
 
     def _knn(self, epoch: int, progress: Progress | None) -> None:
         t0 = time.monotonic()
+        sources = self.knn_sources()
+        if sources is not None and self.is_main:  # the pass takes a while: say so before it
+            line = (f"epoch {epoch}: kNN monitor, teacher features of {len(sources[0])} + {len(sources[1])} images "
+                    f"({sources[2]}) ...")
+            _say(progress, line)
         acc = self.knn_eval()
         if acc is not None:
             self.metrics.write({"step": self.step, "epoch": epoch, "knn_acc": acc}, self.step)
             self.knn_trace.append((self.step, acc))
-            line = f"epoch {epoch}: kNN accuracy {acc:.4f} on {self.knn_sources()[2]}"
-            progress.write(line) if progress is not None else print(line, file=sys.stderr, flush=True)
+            line = f"epoch {epoch}: kNN accuracy {acc:.4f} on {sources[2]} ({time.monotonic() - t0:.1f} s)"
+            _say(progress, line)
             if self._budget is not None:  # the time budget keeps room for the last kNN pass
                 self._budget["reserve"] = time.monotonic() - t0
         distributed.barrier()
@@ -350,6 +355,13 @@ class PretrainJob(TrainingJob):
         if self.is_main and self.save_backbone:
             self.export_backbone()
 
+    def startup_fields(self) -> list[tuple[str, object]]:
+        knn = self.knn_sources()
+        return [("model", f"{self.cfg['model']['arch']}, DINO head K={self.cfg['model']['out_dim']}"),
+                ("data", f"{len(self.source)} images from {self.source.root}"),
+                ("views", f"{self.views.n_views} x {[v.size for v in self.views.views]} px"),
+                ("kNN monitor", f"{knn[2]}, every {self.cfg['train']['knn_every']} epoch(s)" if knn else "off")]
+
     def summary_lines(self, last: dict | None) -> list[str]:
         lines = [
             f"- model: {self.cfg['model']['arch']}, data: {self.source.root} ({len(self.source)} images), views: "
@@ -361,13 +373,13 @@ class PretrainJob(TrainingJob):
             "- `checkpoint-*.pt`: resumable checkpoints (student, teacher, optimiser, centre, data position, RNG)",
         ]
         if self.save_backbone:
-            lines.append("- `teacher_backbone.safetensors`: the teacher backbone weights for downstream use")
+            lines.append(f"- `{BACKBONE_NAME}`: the teacher backbone weights for downstream use")
         lines += ["", "## Did it learn?", *self.learning_lines(last)]
         lines += ["", "## Next"]
         if self.step < self.total_steps:
             lines.append(f"- continue this run: `python -m dinocxr_fast.train pretrain --out {self.run_dir} --resume auto`")
-        lines.append(f"- export the teacher backbone: `python -m dinocxr_fast.train pretrain --out {self.run_dir} "
-                     "--resume auto --save-backbone`")
+        lines.append(f"- export the teacher backbone (seconds, no training): "
+                     f"`python -m dinocxr_fast.train export-backbone {self.run_dir}`")
         lines.append(f"- linear evaluation of the teacher backbone: `python -m dinocxr_fast.train linear --pretrained "
                      f"{self.run_dir} --data LABELLED_ROOT` (train/ and val/ class folders)")
         lines.append(f"- fine-tuning: `python -m dinocxr_fast.train finetune --pretrained {self.run_dir} --data LABELLED_ROOT`")
@@ -417,9 +429,39 @@ class PretrainJob(TrainingJob):
                   file=sys.stderr, flush=True)
 
     def export_backbone(self) -> Path:
-        path = self.run_dir / "teacher_backbone.safetensors"
-        m = self.cfg["model"]
-        ckpt.export_safetensors(self.teacher.backbone.state_dict(), path, metadata={
-            "arch": m["arch"], "in_chans": str(m["in_chans"]), "step": str(self.step), "source": "dinocxr_fast pretrain teacher"})
-        return path
+        return write_teacher_backbone(self.teacher.backbone.state_dict(), self.cfg["model"], self.step,
+                                      self.run_dir / BACKBONE_NAME)
 
+
+BACKBONE_NAME = "teacher_backbone.safetensors"
+
+
+def _say(progress: Progress | None, line: str) -> None:
+    """A line beside the progress display (or on stderr once the loop has closed it)."""
+    if progress is not None:
+        progress.write(line)
+    else:
+        print(line, file=sys.stderr, flush=True)
+
+
+def write_teacher_backbone(state_dict: dict, model_cfg: dict, step: int, path: Path) -> Path:
+    ckpt.export_safetensors(state_dict, path, metadata={
+        "arch": model_cfg["arch"], "in_chans": str(model_cfg["in_chans"]), "step": str(step),
+        "source": "dinocxr_fast pretrain teacher"})
+    return path
+
+
+def export_backbone_from_run(run: Path, out: Path | None = None) -> tuple[Path, int]:
+    """The teacher backbone of a pretraining run's latest checkpoint as safetensors, without
+    building the model or training: (the file written, the checkpoint's step)."""
+    run = Path(run)
+    path = run if run.is_file() else ckpt.latest(run)
+    if path is None:
+        raise ckpt.CheckpointError(f"no checkpoint in {run} (a pretraining run folder holds checkpoint-*.pt)")
+    state = ckpt.load(path)
+    if state.get("format") != PretrainJob.FORMAT:
+        raise ckpt.CheckpointError(f"{path} is a {state.get('format')!r} checkpoint, not a pretraining one")
+    prefix = "backbone."
+    backbone = {k[len(prefix):]: v for k, v in state["teacher"].items() if k.startswith(prefix)}
+    target = Path(out) if out else path.parent / BACKBONE_NAME
+    return write_teacher_backbone(backbone, state["config"]["model"], int(state["step"]), target), int(state["step"])

@@ -15,10 +15,12 @@ CXR_SAMPLE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" /
 
 
 def cxr_sample() -> Path:
-    """The real-X-ray sample (read in place). Missing: FAIL under CI=true, else skip with why."""
+    """The real-X-ray sample (read in place): $DINOCXR_CXR_SAMPLE, else ../shared/data/cxr-sample beside
+    the repository. Missing: FAIL under CI=true, else skip saying how to point at it."""
     root = Path(os.environ.get("DINOCXR_CXR_SAMPLE", CXR_SAMPLE))
     if not (root / "train").is_dir():
-        msg = f"real X-ray sample not found at {root} (expected ../shared/data/cxr-sample next to the repo)"
+        msg = (f"real X-ray sample not found at {root}; point at it with "
+               "DINOCXR_CXR_SAMPLE=/path/to/cxr-sample (an ImageFolder with train/ and val/)")
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(msg + "; CI must provide it")
         pytest.skip(msg)

@@ -3,7 +3,6 @@ TensorRT engine (GPU only)."""
 from __future__ import annotations
 
 import csv
-import os
 import shutil
 from pathlib import Path
 
@@ -12,22 +11,18 @@ import pytest
 import torch
 from PIL import Image
 
+from data_helpers import cxr_sample
+
 from dinocxr_fast import export, infer
 from dinocxr_fast.classifier import build_classifier, classifier_record, load_classifier, save_classifier
 from dinocxr_fast.data import EvalConfig
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO.parent / "shared" / "data" / "cxr-sample"
 SIZE = 96
 
 
 @pytest.fixture(scope="module")
 def sample_images() -> list[str]:
-    if not SAMPLE.is_dir():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{SAMPLE} is missing in CI")
-        pytest.skip(f"{SAMPLE} not found (the shared cxr-sample data)")
-    return sorted(str(p) for p in (SAMPLE / "val").rglob("*.png"))[:: 4]  # 10 images, both classes
+    return sorted(str(p) for p in (cxr_sample() / "val").rglob("*.png"))[:: 4]  # 10 images, both classes
 
 
 @pytest.fixture(scope="module")

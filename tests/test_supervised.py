@@ -2,30 +2,25 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
+from data_helpers import cxr_sample
+
 from dinocxr_fast import evaluate, train
 from dinocxr_fast.classifier import load_classifier
 from dinocxr_fast.runtime import checkpoint as ckpt
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO.parent / "shared" / "data" / "cxr-sample"
 
 FAST = ["--preset", "supervised_tiny_cpu", "--set", "data.image_size=64", "--set", "eval.bootstrap=50", "--quiet"]
 
 
 @pytest.fixture(scope="module")
 def sample() -> Path:
-    if not SAMPLE.is_dir():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{SAMPLE} is missing in CI")
-        pytest.skip(f"{SAMPLE} not found (the shared cxr-sample data)")
-    return SAMPLE
+    return cxr_sample()
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from data_helpers import cxr_sample
+
 from dinocxr_fast import train
 from dinocxr_fast.runtime import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO.parent / "shared" / "data" / "cxr-sample"
 
 # A small, fast configuration of the tiny preset.
 FAST = [
@@ -199,12 +200,9 @@ def test_two_process_gloo_ddp_agrees_on_weights(tmp_path):
 
 
 def test_knn_monitor_on_cxr_sample(tmp_path):
-    if not SAMPLE.is_dir():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{SAMPLE} is missing in CI")
-        pytest.skip(f"{SAMPLE} not found (the shared cxr-sample data)")
+    sample = cxr_sample()
     run = tmp_path / "run"
-    assert train.main(["--out", str(run), "--max-steps", "6", "--knn-data", str(SAMPLE), *FAST,
+    assert train.main(["--out", str(run), "--max-steps", "6", "--knn-data", str(sample), *FAST,
                        "--set", "train.knn_size=64", "--set", "train.epochs=1", "--set", "optim.warmup_epochs=0",
                        "--set", "train.knn_every=1"]) == 0
     knn = [r for r in read_metrics(run) if "knn_acc" in r]

@@ -41,11 +41,17 @@ def pretrain_source(data_cfg: dict, seed: int) -> Source:
     root = Path(path).expanduser()
     if not root.exists():
         raise DatasetError(f"data.path {root} does not exist")
+    split = data_cfg.get("split")
     prepared = _prepared(root)
     if prepared is not None:
-        return prepared.source(data_cfg.get("split") or None, labelled=False)
-    if data_cfg.get("split"):
-        root = root / data_cfg["split"]
+        if split is None and "train" in prepared.splits:
+            split = "train"  # as for a labelled folder root: never pretrain on the scored splits
+        return prepared.source(split or None, labelled=False)
+    if split is None and not data_cfg.get("csv") and (root / "train").is_dir():
+        # a labelled root (train/ val/ test/): pretraining must not see the images it is scored on
+        split = "train"
+    if split:
+        root = root / split
         if not root.is_dir():
             raise DatasetError(f"data.split folder {root} does not exist")
     if data_cfg.get("csv"):
@@ -116,6 +122,15 @@ def has_split(root: str | Path, split: str) -> bool:
     return (Path(root).expanduser() / split).is_dir()
 
 
+def split_names(root: str | Path) -> list[str]:
+    """The splits a labelled root holds: a prepared dataset's, or a folder's sub-folders."""
+    root = Path(root).expanduser()
+    prepared = _prepared(root)
+    if prepared is not None:
+        return sorted(s for s in prepared.splits if s)
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def split_source(root: str | Path, split: str | None, classes) -> Source:
     """A labelled split (or the root itself) of an ImageFolder or a prepared dataset, its labels
     indexed by ``classes``."""
@@ -170,6 +185,15 @@ def supervised_sources(data_cfg: dict) -> tuple[Source, Source, Source, str]:
     if fraction < 1.0:
         train = train.label_fraction(fraction, int(data_cfg["label_seed"]))
     return train, val, test, test_split
+
+
+def split_names(data_cfg: dict, reported: str) -> tuple[str, str]:
+    """(selection split, reported split) as the console, summary.md and report.md name them: with
+    a test/ split, val/ selects and test/ is reported; without, held-out training patients select
+    and val/ is reported (see supervised_sources)."""
+    if reported == data_cfg["val_split"]:
+        return f"20 % of the {data_cfg['train_split']}/ patients, held out", f"{reported}/"
+    return f"{data_cfg['val_split']}/", f"{reported}/"
 
 
 def supervised_train_loader(source: Source, data_cfg: dict, batch_size: int, *, channels: int, device, shard_id: int,

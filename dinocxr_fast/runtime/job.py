@@ -17,11 +17,12 @@ from typing import Iterable
 
 import torch
 
+from dinocxr_fast.cli import command_start
 from dinocxr_fast.config import save_config
 from dinocxr_fast.runtime import checkpoint as ckpt
 from dinocxr_fast.runtime import data as data_setup
 from dinocxr_fast.runtime import distributed
-from dinocxr_fast.runtime.metrics import MetricsWriter, Progress
+from dinocxr_fast.runtime.metrics import MetricsWriter, Progress, print_startup
 
 log = logging.getLogger("dinocxr_fast.train")
 
@@ -83,7 +84,8 @@ class TrainingJob:
         self.epochs = int(t["epochs"])
         # the steps this run's schedules span (a subclass fitting them to a budget lowers it)
         self.planned_steps: int | None = None
-        self.t_start = time.monotonic()  # train.max_minutes counts from here: set-up included
+        # train.max_minutes is the wall time of the whole command: imports and set-up included
+        self.t_start = command_start()
 
     @property
     def total_steps(self) -> int:
@@ -130,7 +132,19 @@ class TrainingJob:
     def on_finish(self) -> None:
         pass
 
+    def end_reserve(self) -> float:
+        """Seconds the work after the loop (on_finish: a final evaluation, a report) will take, kept
+        free of the train.max_minutes budget."""
+        return 0.0
+
+    def _out_of_time(self, deadline: float | None) -> bool:
+        return deadline is not None and time.monotonic() + self.end_reserve() > deadline
+
     def summary_lines(self, last: dict | None) -> list[str]:
+        return []
+
+    def startup_fields(self) -> list[tuple[str, object]]:
+        """The subclass's lines of the start-up block: model, data (how many images, from where)."""
         return []
 
     # ---- setup, state ---------------------------------------------------------------------------
@@ -164,10 +178,13 @@ class TrainingJob:
         if state.get("format") != self.FORMAT:
             raise ckpt.CheckpointError(f"{path} is a {state.get('format')!r} checkpoint, this job needs {self.FORMAT!r}")
         for section in self.RESUME_MUST_MATCH:
-            if state["config"].get(section) != self.cfg.get(section):
+            theirs, ours = state["config"].get(section) or {}, self.cfg.get(section) or {}
+            differ = [f"{section}.{k}: {theirs.get(k)!r} vs {ours.get(k)!r}"
+                      for k in sorted(set(theirs) | set(ours), key=str) if theirs.get(k) != ours.get(k)]
+            if differ:
                 raise ckpt.CheckpointError(
-                    f"cannot resume from {path}: its '{section}' config differs from this run's "
-                    f"({state['config'].get(section)} vs {self.cfg.get(section)})")
+                    f"cannot resume from {path}: the checkpoint's config differs from this run's "
+                    f"({'; '.join(differ)})")
         self.load_model_state(state)
         self.scaler.load_state_dict(state["scaler"])
         self.loader.load_state_dict(state["data"])
@@ -191,6 +208,12 @@ class TrainingJob:
         if not final:
             ckpt.prune(self.run_dir, int(self.cfg["train"]["keep_last"]))
         return path
+
+    def _checkpoint(self, progress: Progress) -> None:
+        t0 = time.perf_counter()
+        path = self.save_checkpoint()
+        if path is not None:
+            progress.write(f"checkpoint written: {path} ({time.perf_counter() - t0:.1f} s)")
 
     def non_finite(self, what: str, outputs: dict[str, torch.Tensor], debug: dict) -> NonFiniteLossError:
         """Save the last good state (the weights before this step) and what is needed to debug it;
@@ -236,6 +259,8 @@ class TrainingJob:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         out = None
+        if self.is_main:
+            self._print_startup(max_steps)
         try:
             self.on_start(progress)
             while self.step < self.end_step(max_steps):
@@ -254,17 +279,19 @@ class TrainingJob:
                     if self.step % log_every == 0 or self.step == self.end_step(max_steps):
                         self._log(out, window, progress)
                     if self.step % ckpt_every == 0:
-                        self.save_checkpoint()
+                        self._checkpoint(progress)
                     self.on_step_end(deadline, progress)
-                    if self._signal or (deadline and time.monotonic() > deadline):
+                    if self._signal or self._out_of_time(deadline):
                         break
                 if self._signal:
                     self.stop = StopReason("signal", self._signal)
                     break
-                if deadline and time.monotonic() > deadline:
+                if self._out_of_time(deadline):
                     self.stop = StopReason("max_minutes", f"{t['max_minutes']} min")
                     break
-                if self.step % self.steps_per_epoch == 0:  # an epoch ended
+                if self.step % self.steps_per_epoch == 0:  # an epoch ended: a checkpoint, as base.yaml promises
+                    if self.step % ckpt_every != 0 and self.step < self.end_step(max_steps):
+                        self._checkpoint(progress)
                     self.on_epoch_end(self.step // self.steps_per_epoch, progress)
             else:
                 if max_steps is not None and max_steps <= self.step < self.total_steps:
@@ -281,6 +308,24 @@ class TrainingJob:
         if self.is_main:
             self._write_summary(out)
         return self.stop
+
+    def _print_startup(self, max_steps: int | None) -> None:
+        t = self.cfg["train"]
+        schedule = f"{self.epochs} epochs x {self.steps_per_epoch} steps = {self.total_steps} steps"
+        limits = [f"train.max_steps={max_steps}" if max_steps is not None else "",
+                  f"train.max_minutes={t['max_minutes']} (wall time of the whole command)" if t.get("max_minutes") else ""]
+        if any(limits):
+            schedule += "; stops at " + " or ".join(x for x in limits if x)
+        if self.step:
+            schedule += f"; resuming at step {self.step} (epoch {self.step / self.steps_per_epoch:.2f})"
+        print_startup(self.TITLE, [
+            ("run folder", self.run_dir),
+            ("device", f"{self.device}, {self.precision}, {self.dist.world_size} process(es)"),
+            ("loader", self.loader.backend),
+            *self.startup_fields(),
+            ("schedule", schedule),
+            ("checkpoints", f"every {t['ckpt_every']} steps and at every epoch end, in {self.run_dir}"),
+        ])
 
     def _log(self, out: dict, window: dict, progress: Progress) -> None:
         elapsed = time.perf_counter() - window["t0"]

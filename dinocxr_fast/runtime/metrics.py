@@ -55,20 +55,30 @@ class MetricsWriter:
             self._tb = None
 
 
+def print_startup(what: str, fields: list[tuple[str, object]], stream=None) -> None:
+    """The block every command prints before its work: what runs where, on what, for how long."""
+    width = max(len(k) for k, _ in fields)
+    lines = [f"== {what} =="] + [f"  {k:<{width}}  {v}" for k, v in fields]
+    print("\n".join(lines), file=stream or sys.stderr, flush=True)
+
+
 class Progress:
     """tqdm bar on a terminal; one plain line per update otherwise (logs, CI)."""
 
-    def __init__(self, total: int, initial: int = 0, enabled: bool = True, stream=None):
+    def __init__(self, total: int, initial: int = 0, enabled: bool = True, stream=None, unit: str = "step",
+                 desc: str | None = None):
         self.stream = stream or sys.stderr
         self.total, self.n = total, initial
         self.enabled = enabled
+        self.unit, self.desc = unit, desc  # what is counted (step, epoch, batch) and of what work
         self._start, self._start_n = time.monotonic(), initial
         self._bar = None
         if enabled and getattr(self.stream, "isatty", lambda: False)():
             try:
                 from tqdm import tqdm  # noqa: PLC0415
 
-                self._bar = tqdm(total=total, initial=initial, file=self.stream, dynamic_ncols=True, unit="step")
+                self._bar = tqdm(total=total, initial=initial, file=self.stream, dynamic_ncols=True, unit=unit,
+                                 desc=desc)
             except ImportError:
                 self._bar = None
 
@@ -84,7 +94,8 @@ class Progress:
             done = n - self._start_n
             eta = elapsed / done * (self.total - n) if done > 0 else float("nan")
             fields = " ".join(f"{k}={v}" for k, v in postfix.items())
-            print(f"step {n}/{self.total} {fields} eta={_fmt_time(eta)}", file=self.stream, flush=True)
+            prefix = f"{self.desc}: " if self.desc else ""
+            print(f"{prefix}{self.unit} {n}/{self.total} {fields} eta={_fmt_time(eta)}", file=self.stream, flush=True)
         self.n = n
 
     def set_total(self, total: int) -> None:
