@@ -13,7 +13,11 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 class ConfigError(ValueError):
-    """A bad preset name, key or value; the message names it."""
+    """A bad preset name, key or value; the message names it (one line per problem)."""
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = problems or [message]
 
 
 BASES = ("base", "supervised_base")
@@ -106,7 +110,17 @@ def load_config(preset: str | None = None, overrides: Mapping | None = None, set
     sets = list(sets)
     if sets:
         cfg = merge(cfg, dotted_to_nested(sets), where="--set")
+    check(cfg, base)
     return cfg
+
+
+def check(cfg: Mapping, base: str = "base") -> None:
+    """Raise ConfigError listing every problem of ``cfg`` (types, ranges, choices) at once."""
+    from dinocxr_fast.config_schema import validate  # noqa: PLC0415
+
+    problems = validate(dict(cfg), base)
+    if problems:
+        raise ConfigError(f"{len(problems)} problem(s): " + "; ".join(problems), problems)
 
 
 def save_config(cfg: Mapping, path: Path) -> None:

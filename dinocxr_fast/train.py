@@ -214,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return pretrain(argv) if command == "pretrain" else supervised(command, argv)
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+        for problem in exc.problems:  # every problem at once, one line each
+            print(f"config error: {problem}", file=sys.stderr)
         return 2
     except Exception as exc:  # one clear line for the errors a user can fix
         from dinocxr_fast.data import DatasetError  # noqa: PLC0415
