@@ -17,18 +17,20 @@ import numpy as np
 import torch
 
 from dinocxr_fast.data import EvalConfig, Sample, Source, build_eval_loader
-from dinocxr_fast.data.sources import IMAGE_EXTENSIONS
+from dinocxr_fast.data.sources import IMAGE_EXTENSIONS, scan_images
 from dinocxr_fast.runtime.metrics import Progress
 
 BACKEND_BY_SUFFIX = {".plan": "tensorrt", ".engine": "tensorrt", ".onnx": "onnxruntime", ".pt": "torch"}
 
 
 def collect_images(inputs: Sequence[str]) -> list[str]:
+    """Every input gets a row: images under folders as the loaders find them (hidden entries
+    skipped, symlink loops read once, links to nothing listed so their row says so)."""
     files: list[str] = []
     for item in inputs:
         p = Path(item).expanduser()
         if p.is_dir():
-            files += sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+            files += scan_images(p, IMAGE_EXTENSIONS)
         else:
             files.append(str(p))  # a missing or unreadable file is reported in the CSV
     if not files:

@@ -151,26 +151,34 @@ def supervised(command: str, argv: list[str]) -> int:
     out = Path(args.out) if args.out else Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
     if command == "linear":
         from dinocxr_fast.linear_probe import run_linear  # noqa: PLC0415
+        from dinocxr_fast.runtime.checkpoint import discard_if_failed  # noqa: PLC0415
 
-        run_linear(cfg, out, show_progress=not args.quiet)
+        with discard_if_failed(out):
+            run_linear(cfg, out, show_progress=not args.quiet)
         return 0
     from dinocxr_fast.finetune import FinetuneJob  # noqa: PLC0415
 
     resume = resolve_resume(args.resume, out, "finetune")
-    return run_job(lambda: FinetuneJob(cfg, out, resume=resume, show_progress=not args.quiet),
+    return run_job(lambda: FinetuneJob(cfg, out, resume=resume, show_progress=not args.quiet), out,
                    f"python -m dinocxr_fast.train finetune --data {args.data} --out {out} --resume auto")
 
 
-def run_job(make_job, resume_command: str) -> int:
+def run_job(make_job, run_dir: Path, resume_command: str) -> int:
     """Run a TrainingJob to its end; on a signal, say how to resume."""
     from dinocxr_fast.runtime import distributed  # noqa: PLC0415
+    from dinocxr_fast.runtime.checkpoint import discard_if_failed  # noqa: PLC0415
 
-    job = make_job()
-    try:
-        stop = job.run()
-    finally:
-        job.close()
-        distributed.shutdown()
+    with discard_if_failed(run_dir):
+        try:
+            job = make_job()
+        except BaseException:
+            distributed.shutdown()
+            raise
+        try:
+            stop = job.run()
+        finally:
+            job.close()
+            distributed.shutdown()
     if stop.kind == "signal":
         print(f"stopped by {stop.detail} at step {job.step}; checkpoint saved. Resume with: {resume_command}",
               file=sys.stderr)
@@ -199,7 +207,7 @@ def pretrain(argv: list[str]) -> int:
     if resume is None and args.resume:
         print(f"--resume {args.resume}: no checkpoint found; starting a fresh run in {out}", file=sys.stderr)
     return run_job(lambda: PretrainJob(cfg, out, resume=resume, save_backbone=args.save_backbone,
-                                       show_progress=not args.quiet),
+                                       show_progress=not args.quiet), out,
                    f"python -m dinocxr_fast.train pretrain --out {out} --resume auto")
 
 
@@ -219,10 +227,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as exc:  # one clear line for the errors a user can fix
         from dinocxr_fast.data import DatasetError  # noqa: PLC0415
+        from dinocxr_fast.evaluate import MissingClassError  # noqa: PLC0415
         from dinocxr_fast.runtime.job import NonFiniteLossError  # noqa: PLC0415
         from dinocxr_fast.runtime.checkpoint import CheckpointError  # noqa: PLC0415
 
-        if isinstance(exc, (DatasetError, CheckpointError, NonFiniteLossError)):
+        if isinstance(exc, (DatasetError, CheckpointError, NonFiniteLossError, MissingClassError)):
             print(f"error: {exc}", file=sys.stderr)
             return 1
         raise

@@ -50,7 +50,7 @@ class _BatchDataset(Dataset):
         images, failed = [], False
         for index, data in zip(pb.indices, pb.data):
             try:
-                images.append(decode_pil(data))
+                images.append(decode_pil(data, self.assembler.policy))
             except CorruptImageError as e:
                 self.assembler.mark_bad(int(index), str(e))
                 found.append((self.assembler.source[int(index)].path, str(e)))

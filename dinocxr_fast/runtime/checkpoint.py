@@ -17,6 +17,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import signal
 import threading
 from pathlib import Path
@@ -128,6 +129,20 @@ def clean_partial(folder: Path) -> list[Path]:
         log.info("removed %d partial file(s) an interrupted run left in %s: %s", len(removed), folder,
                  ", ".join(p.name for p in removed))
     return removed
+
+
+@contextlib.contextmanager
+def discard_if_failed(folder: Path):
+    """A command that fails leaves no junk run folder: the folder is removed if this command
+    created it and it holds no checkpoint (nor a non-finite-loss dump): progress is never removed."""
+    folder = Path(folder)
+    existed = folder.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed and folder.is_dir() and not any(folder.glob("*.pt")):
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
 def _alive(pid: int) -> bool:
