@@ -73,13 +73,13 @@ def check_size(height: int, width: int, limit: int, frames: int = 1) -> None:
                                 f"{limit:,} (data.max_image_pixels); not decoded")
 
 
-_BUFFER_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+_BUFFER_REPR = re.compile(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 
 
 def describe(exc: BaseException) -> str:
     """An exception as a message about the file's content: library messages name the in-memory
     buffer (``<_io.BytesIO object at 0x...>``), which tells a user nothing."""
-    text = _BUFFER_REPR.sub("the file", str(exc)).strip()
+    text = _BUFFER_REPR.sub("", str(exc)).strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
@@ -314,7 +314,8 @@ def dicom_to_uint16(data: bytes, policy: DecodePolicy | None = None) -> np.ndarr
             if real:
                 raise CorruptImageError(f"wrong DICOM transfer syntax: declared {_ts_name(ts)}, but the data set is "
                                         f"encoded as {real}")
-            raise CorruptImageError(f"DICOM has no pixel data (transfer syntax {_ts_name(ts)})")
+            raise CorruptImageError(f"unreadable DICOM: no pixel data in transfer syntax {_ts_name(ts)} "
+                                    "(the file is cut short or holds no image)")
         try:
             rows, cols = int(ds.Rows), int(ds.Columns)
         except (AttributeError, TypeError, ValueError):
