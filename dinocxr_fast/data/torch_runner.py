@@ -153,6 +153,9 @@ class TorchRunner:
             num_workers=num_workers,
             collate_fn=_keep,
             pin_memory=device.type == "cuda",
+            # DataLoader draws a worker seed at every iter(): from its own generator, not the global
+            # RNG the model's dropout uses, so a resumed run draws what the uninterrupted one drew
+            generator=torch.Generator(),
             **kwargs,
         )
 
