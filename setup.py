@@ -97,7 +97,7 @@ setup(
     package_data={"dinocxr_fast": ["configs/*.yaml"], "dinocxr_fast.kernels": ["cuda/*.cu", "cuda/*.cuh"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
-    install_requires=["torch", "numpy", "pyyaml", "safetensors", "tqdm", "pillow", "matplotlib"],
+    install_requires=["torch", "numpy", "pyyaml", "pydantic>=2", "safetensors", "tqdm", "pillow", "matplotlib"],
     extras_require={
         "triton": ["triton"],
         "dali": ["nvidia-dali-cuda130"],

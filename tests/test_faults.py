@@ -369,3 +369,14 @@ def test_evaluate_one_class_is_an_error_unless_asked_then_says_what_is_undefined
     metrics = json.loads((tmp_path / "e2" / "metrics.json").read_text())["metrics"]
     assert "roc_auc" in metrics["undefined"]
     assert "roc_auc | undefined" in (tmp_path / "e2" / "report.md").read_text()
+
+
+def test_a_loader_taken_down_by_the_signal_is_a_stop_not_a_crash():
+    def dead_workers():
+        raise RuntimeError("DataLoader worker (pid 1234) is killed by signal: Terminated")
+        yield  # a generator, like a loader's iterator
+
+    stopping = SimpleNamespace(_signal="SIGTERM")
+    assert TrainingJob._next_batch(stopping, dead_workers()) is None  # the job then saves and stops
+    with pytest.raises(RuntimeError, match="killed by signal"):  # without a signal it is a real failure
+        TrainingJob._next_batch(SimpleNamespace(_signal=None), dead_workers())
