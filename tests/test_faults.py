@@ -55,7 +55,8 @@ def one_line_error(err: str, prefix: str = "error: ") -> str:
 def test_every_config_problem_is_one_line_exit_2_before_any_work(tmp_path, capsys):
     run = tmp_path / "run"
     bad = ["--batch-size", "-4", "--set", "optim.lr=abc", "--set", "train.epochs=ten", "--set", "data.view_size=0",
-           "--set", "data.n_views=1", "--set", "data.loader=bogus", "--set", "data.global_scale=[1.0, 0.4]"]
+           "--set", "data.n_views=1", "--set", "data.loader=bogus", "--set", "data.global_scale=[1.0, 0.4]",
+           "--set", "optim.lrr=0.1"]
     t0 = time.perf_counter()
     assert train.main(["--out", str(run), *bad]) == 2
     assert time.perf_counter() - t0 < 3.0
@@ -63,7 +64,7 @@ def test_every_config_problem_is_one_line_exit_2_before_any_work(tmp_path, capsy
     lines = err.strip().splitlines()
     assert all(ln.startswith("config error: ") for ln in lines) and "Traceback" not in err
     for key in ("optim.batch_size", "optim.lr", "train.epochs", "data.view_size", "data.n_views", "data.loader",
-                "data.global_scale"):
+                "data.global_scale", "optim.lrr"):
         assert sum(key in ln for ln in lines) == 1, (key, err)
     assert not run.exists()  # nothing was built, not even the run folder
     assert train.main(["--out", str(run), "--batch-size", "0"]) == 2
