@@ -65,7 +65,7 @@ def test_every_config_problem_is_one_line_exit_2_before_any_work(tmp_path, capsy
     assert all(ln.startswith("config error: ") for ln in lines) and "Traceback" not in err
     for key in ("optim.batch_size", "optim.lr", "train.epochs", "data.view_size", "data.n_views", "data.loader",
                 "data.global_scale", "optim.lrr"):
-        assert sum(key in ln for ln in lines) == 1, (key, err)
+        assert sum(f"{key}:" in ln or f"'{key}'" in ln for ln in lines) == 1, (key, err)
     assert not run.exists()  # nothing was built, not even the run folder
     assert train.main(["--out", str(run), "--batch-size", "0"]) == 2
     assert "optim.batch_size" in capsys.readouterr().err
