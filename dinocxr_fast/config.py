@@ -13,7 +13,11 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 class ConfigError(ValueError):
-    """A bad preset name, key or value; the message names it."""
+    """A bad preset name, key or value; the message names it (one line per problem)."""
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = problems or [message]
 
 
 BASES = ("base", "supervised_base")
@@ -40,18 +44,23 @@ def defaults(base: str = "base") -> dict:
     return _read_yaml(CONFIG_DIR / f"{base}.yaml")
 
 
-def merge(base: dict, override: Mapping, *, where: str, prefix: str = "") -> dict:
-    """``base`` updated with ``override``; every key of ``override`` must exist in ``base``."""
+def merge(base: dict, override: Mapping, *, where: str, prefix: str = "", problems: list[str] | None = None) -> dict:
+    """``base`` updated with ``override``; every key of ``override`` must exist in ``base``. A bad
+    key raises ConfigError, or is added to ``problems`` (and left out) when a list is given."""
     out = copy.deepcopy(base)
     for key, value in override.items():
         name = f"{prefix}{key}"
+        problem = None
         if key not in out:
-            known = ", ".join(sorted(out))
-            raise ConfigError(f"unknown config key '{name}' in {where} (known here: {known})")
-        if isinstance(out[key], dict):
-            if not isinstance(value, Mapping):
-                raise ConfigError(f"config key '{name}' in {where} is a section; give it a mapping, not {value!r}")
-            out[key] = merge(out[key], value, where=where, prefix=f"{name}.")
+            problem = f"unknown config key '{name}' in {where} (known here: {', '.join(sorted(out))})"
+        elif isinstance(out[key], dict) and not isinstance(value, Mapping):
+            problem = f"config key '{name}' in {where} is a section; give it a mapping, not {value!r}"
+        if problem is not None:
+            if problems is None:
+                raise ConfigError(problem)
+            problems.append(problem)
+        elif isinstance(out[key], dict):
+            out[key] = merge(out[key], value, where=where, prefix=f"{name}.", problems=problems)
         else:
             out[key] = value
     return out
@@ -94,19 +103,31 @@ def load_config(preset: str | None = None, overrides: Mapping | None = None, set
                 base: str = "base") -> dict:
     """<base>.yaml <- preset (a name in configs/ or a YAML path) <- overrides <- --set assignments."""
     cfg = defaults(base)
+    problems: list[str] = []  # every problem is reported, not only the first
     if preset:
         path = Path(preset)
         if not path.suffix:
             path = CONFIG_DIR / f"{preset}.yaml"
         if not path.is_file():
             raise ConfigError(f"unknown preset {preset!r}: no file {path} (presets: {', '.join(list_presets())})")
-        cfg = merge(cfg, _read_yaml(path), where=str(path))
+        cfg = merge(cfg, _read_yaml(path), where=str(path), problems=problems)
     if overrides:
-        cfg = merge(cfg, overrides, where="the command line")
+        cfg = merge(cfg, overrides, where="the command line", problems=problems)
     sets = list(sets)
     if sets:
-        cfg = merge(cfg, dotted_to_nested(sets), where="--set")
+        cfg = merge(cfg, dotted_to_nested(sets), where="--set", problems=problems)
+    check(cfg, base, problems)
     return cfg
+
+
+def check(cfg: Mapping, base: str = "base", problems: Iterable[str] = ()) -> None:
+    """Raise ConfigError listing every problem of ``cfg`` (types, ranges, choices) at once, after
+    ``problems`` found earlier."""
+    from dinocxr_fast.config_schema import validate  # noqa: PLC0415
+
+    problems = [*problems, *validate(dict(cfg), base)]
+    if problems:
+        raise ConfigError(f"{len(problems)} problem(s): " + "; ".join(problems), problems)
 
 
 def save_config(cfg: Mapping, path: Path) -> None:

@@ -21,6 +21,29 @@ from dinocxr_fast.metrics import SCALAR_METRICS, bootstrap_ci, classification_me
 log = logging.getLogger("dinocxr_fast.evaluate")
 
 
+class MissingClassError(ValueError):
+    """A split lacks (readable images of) a class: AUC and the per-class metrics are undefined."""
+
+
+def require_every_class(y_true: np.ndarray, classes: Sequence[str], what: str) -> None:
+    """Raise MissingClassError naming the classes ``what`` has no (readable) image of."""
+    counts = np.bincount(np.asarray(y_true, dtype=np.int64), minlength=len(classes))
+    missing = [c for c, n in zip(classes, counts) if n == 0]
+    if missing:
+        raise MissingClassError(
+            f"{what} has no readable image of class {', '.join(missing)} ({len(y_true)} images of "
+            f"{', '.join(c for c, n in zip(classes, counts) if n) or 'no class'}): ROC AUC and balanced accuracy "
+            "are undefined; give every split images of every class (evaluate --allow-one-class reports the "
+            "defined metrics only)")
+
+
+def undefined_metrics(y_true: np.ndarray, num_classes: int) -> list[str]:
+    """The report's metrics that one-class data cannot define."""
+    present = np.unique(np.asarray(y_true)).size
+    return [] if present == num_classes else ["roc_auc", "balanced_accuracy", "f1", "precision", "recall",
+                                              "specificity"]
+
+
 def evaluate_predictions(y_true: np.ndarray, probs: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict:
     metrics = classification_metrics(y_true, probs)
     metrics["ci95"] = bootstrap_ci(y_true, probs, n_boot=n_boot, seed=seed) if n_boot > 0 else {}
@@ -121,15 +144,25 @@ def read_predictions(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, lis
 
 
 def write_report(out_dir: Path, y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], *,
-                 title: str, meta: dict, n_boot: int = 1000, paths: Sequence[str] | None = None) -> dict:
+                 title: str, meta: dict, n_boot: int = 1000, paths: Sequence[str] | None = None,
+                 allow_one_class: bool = False) -> dict:
     """Metrics with CIs -> metrics.json, report.md, roc.png, confusion.png in ``out_dir``; with
-    ``paths`` (one per row of ``probs``) also predictions.csv, so runs can be compared per image."""
+    ``paths`` (one per row of ``probs``) also predictions.csv, so runs can be compared per image.
+
+    Data without every class is an error (MissingClassError), unless ``allow_one_class``: then the
+    metrics it cannot define are listed as undefined, in metrics.json and in the report."""
+    y_true, probs = np.asarray(y_true), np.asarray(probs, dtype=np.float64)
+    if not allow_one_class:
+        require_every_class(y_true, classes, title)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    y_true, probs = np.asarray(y_true), np.asarray(probs, dtype=np.float64)
     metrics = evaluate_predictions(y_true, probs, n_boot=n_boot)
+    undefined = undefined_metrics(y_true, len(classes))
+    for key in undefined:
+        metrics[key] = float("nan")
+    metrics["undefined"] = undefined
     record = {"title": title, "classes": list(classes), **meta, "metrics": metrics}
-    (out_dir / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out_dir / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")  # NaN for the undefined
     if paths is not None:
         write_predictions(out_dir / "predictions.csv", paths, y_true, probs, classes)
     plot_roc(y_true, probs, classes, out_dir / "roc.png", title, metrics)
@@ -140,6 +173,9 @@ def write_report(out_dir: Path, y_true: np.ndarray, probs: np.ndarray, classes: 
     lines += ["", f"{metrics['n']} images, classes {list(classes)}{positive}.", "",
               "| metric | value | 95 % CI (bootstrap) |", "|---|---|---|"]
     for key in SCALAR_METRICS:
+        if key in undefined:
+            lines.append(f"| {key} | undefined (one class only) | |")
+            continue
         lo, hi = metrics["ci95"].get(key, (float("nan"), float("nan")))
         lines.append(f"| {key} | {metrics[key]:.4f} | [{lo:.4f}, {hi:.4f}] |")
     lines += ["", "Confusion matrix (rows: true, columns: predicted):", "",
@@ -171,7 +207,8 @@ def check_split(root: Path, split: str | None) -> None:
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, out_dir: str | Path, *, split: str | None = None,
-                        loader: str = "auto", n_boot: int = 1000, batch_size: int = 64, device: str = "auto") -> dict:
+                        loader: str = "auto", n_boot: int = 1000, batch_size: int = 64, device: str = "auto",
+                        allow_one_class: bool = False) -> dict:
     from dinocxr_fast.classifier import load_classifier, predict  # noqa: PLC0415
     from dinocxr_fast.data import EvalConfig, build_eval_loader  # noqa: PLC0415
     from dinocxr_fast.runtime import data as data_setup  # noqa: PLC0415
@@ -195,7 +232,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, out_dir: str |
             "unreadable_files_skipped": len(skipped)}
     return write_report(Path(out_dir), labels.numpy(), probs.numpy(), record["classes"], paths=source.paths(),
                         title=f"Evaluation of {run_label(checkpoint)}, reported split: {folder.name}/", meta=meta,
-                        n_boot=n_boot)
+                        n_boot=n_boot, allow_one_class=allow_one_class)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,19 +246,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loader", default="auto", choices=("auto", "dali", "torch"),
                         help="image decoding: DALI, the PIL/torch DataLoader, or DALI when installed")
     parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
+    parser.add_argument("--allow-one-class", action="store_true",
+                        help="score data that lacks a class: the metrics it cannot define are reported as undefined")
     args = parser.parse_args(argv)
     ckpt_path = Path(args.checkpoint)
     out = Path(args.out) if args.out else (ckpt_path if ckpt_path.is_dir() else ckpt_path.parent) / \
         f"eval-{Path(args.data).name}{'-' + args.split if args.split else ''}"
     try:
         metrics = evaluate_checkpoint(ckpt_path, args.data, out, split=args.split, loader=args.loader,
-                                      n_boot=args.bootstrap, device=args.device)
+                                      n_boot=args.bootstrap, device=args.device, allow_one_class=args.allow_one_class)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print((out / "report.md").read_text())
+    auc = "undefined (one class only)" if "roc_auc" in metrics["undefined"] else f"{metrics['roc_auc']:.4f}"
     print(f"wrote {out}/report.md, metrics.json, roc.png, confusion.png (accuracy {metrics['accuracy']:.4f}, "
-          f"AUC {metrics['roc_auc']:.4f})")
+          f"AUC {auc})")
     return 0
 
 

@@ -10,7 +10,6 @@ beside each artefact as ``<name>.json``; ``infer`` reads it.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import sys
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Iterator
 
 from dinocxr_fast.cli import parser as cli_parser
+
+from dinocxr_fast.runtime.checkpoint import sha256_file
 
 STANDARD_DOMAINS = ("", "ai.onnx")
 
@@ -39,12 +40,7 @@ def reference_ops() -> Iterator[None]:
             os.environ[_backend.ENV_VAR] = previous
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+sha256_of = sha256_file
 
 
 def metadata_for(record: dict, checkpoint: Path, *, features_only: bool, precision: str = "fp32") -> dict:

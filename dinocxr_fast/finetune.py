@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dinocxr_fast.classifier import build_classifier, classifier_record, load_backbone, predict, save_classifier
 from dinocxr_fast.data import build_eval_loader
 from dinocxr_fast.dino import build as dino_build
-from dinocxr_fast.evaluate import write_report
+from dinocxr_fast.evaluate import require_every_class, write_report
 from dinocxr_fast.metrics import classification_metrics
 from dinocxr_fast.runtime import data as data_setup
 from dinocxr_fast.runtime import distributed
@@ -191,9 +191,10 @@ class FinetuneJob(TrainingJob):
             t0 = time.monotonic()
             y, probs = self._score(self.val_src)
             self._val_seconds = time.monotonic() - t0
+            require_every_class(y, self.classes, f"the validation split ({self.val_src.root})")
             metrics = classification_metrics(y, probs)
             key = self.cfg["eval"]["select_by"]
-            value = metrics[key] if not math.isnan(metrics[key]) else metrics["accuracy"]
+            value = metrics[key]
             self.metrics.write({"step": self.step, "epoch": epoch, "val_accuracy": metrics["accuracy"],
                                 "val_roc_auc": metrics["roc_auc"], "val_f1": metrics["f1"]}, self.step)
             progress.write(f"epoch {epoch}: val accuracy {metrics['accuracy']:.4f}, AUC {metrics['roc_auc']:.4f}")

@@ -23,15 +23,15 @@ BACKEND_BY_SUFFIX = {".plan": "tensorrt", ".engine": "tensorrt", ".onnx": "onnxr
 
 
 def collect_images(inputs: Sequence[str]) -> list[str]:
-    """Image files named, and those under the folders named (hidden files and folders skipped)."""
-    from dinocxr_fast.data.sources import IMAGE_EXTENSIONS  # noqa: PLC0415
+    """Every input gets a row: images under folders as the loaders find them (hidden entries
+    skipped, symlink loops read once, links to nothing listed so their row says so)."""
+    from dinocxr_fast.data.sources import IMAGE_EXTENSIONS, scan_images  # noqa: PLC0415
 
     files: list[str] = []
     for item in inputs:
         p = Path(item).expanduser()
         if p.is_dir():
-            files += sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()
-                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            files += scan_images(p, IMAGE_EXTENSIONS)
         else:
             files.append(str(p))  # a missing or unreadable file is reported in the CSV
     if not files:

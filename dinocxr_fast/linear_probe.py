@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from dinocxr_fast.classifier import build_classifier, classifier_record, load_backbone, save_classifier
 from dinocxr_fast.data import Source, build_eval_loader
 from dinocxr_fast.data.prepared import PreparedSource
-from dinocxr_fast.evaluate import write_report
+from dinocxr_fast.evaluate import require_every_class, write_report
 from dinocxr_fast.metrics import classification_metrics
 from dinocxr_fast.runtime import checkpoint as ckpt
 from dinocxr_fast.runtime import data as data_setup
@@ -190,10 +190,12 @@ def run_linear(cfg: dict, run_dir: Path, *, show_progress: bool = True) -> dict:
         return torch.softmax(logits, 1).numpy()
 
     select = lin["select_by"]
+    for split in ("val", "test"):  # a split without a class leaves the selection metric undefined
+        require_every_class(feats[split]["y"].numpy(), classes, f"the {split} split ({sources[split].root})")
     results = []
     for gi, (lr, wd) in enumerate(grid):
         val = classification_metrics(feats["val"]["y"].numpy(), probs_of("val", gi))
-        score = val[select] if not math.isnan(val[select]) else val["accuracy"]
+        score = val[select]
         results.append({"lr": lr, "weight_decay": wd, "val_" + select: score, "val_accuracy": val["accuracy"],
                         "val_roc_auc": val["roc_auc"]})
         metrics_log.write({"step": gi, "lr": lr, "weight_decay": wd, "val_metric": score,

@@ -9,9 +9,7 @@ dinocxr_fast.train ...``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -230,8 +228,9 @@ def supervised(command: str, argv: list[str]) -> int:
         adopt_pretrained_arch(cfg)
     if command == "linear":
         from dinocxr_fast.linear_probe import run_linear  # noqa: PLC0415
+        from dinocxr_fast.runtime.checkpoint import discard_if_failed  # noqa: PLC0415
 
-        with removed_on_failure(out):
+        with discard_if_failed(out):
             run_linear(cfg, out, show_progress=not args.quiet)
         return 0
     from dinocxr_fast.finetune import FinetuneJob  # noqa: PLC0415
@@ -240,29 +239,22 @@ def supervised(command: str, argv: list[str]) -> int:
                    f"python -m dinocxr_fast.train finetune --out {out} --resume auto", out)
 
 
-@contextlib.contextmanager
-def removed_on_failure(run_dir: Path):
-    """A command that fails leaves no run folder behind, when it was the one that made it."""
-    existed = run_dir.exists()
-    try:
-        yield
-    except BaseException:
-        if not existed:
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-
-
 def run_job(make_job, resume_command: str, run_dir: Path) -> int:
     """Run a TrainingJob to its end; on a signal, say how to resume."""
     from dinocxr_fast.runtime import distributed  # noqa: PLC0415
+    from dinocxr_fast.runtime.checkpoint import discard_if_failed  # noqa: PLC0415
 
-    with removed_on_failure(run_dir):  # set-up failures (bad data, bad config) leave nothing behind
-        job = make_job()
-    try:
-        stop = job.run()
-    finally:
-        job.close()
-        distributed.shutdown()
+    with discard_if_failed(run_dir):
+        try:
+            job = make_job()
+        except BaseException:
+            distributed.shutdown()
+            raise
+        try:
+            stop = job.run()
+        finally:
+            job.close()
+            distributed.shutdown()
     if stop.kind == "signal":
         print(f"stopped by {stop.detail} at step {job.step}; checkpoint saved. Resume with: {resume_command}",
               file=sys.stderr)
@@ -335,14 +327,16 @@ def _main(argv: list[str] | None) -> int:
             return export_backbone(argv)
         return pretrain(argv) if command == "pretrain" else supervised(command, argv)
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+        for problem in exc.problems:  # every problem at once, one line each
+            print(f"config error: {problem}", file=sys.stderr)
         return 2
     except Exception as exc:  # one clear line for the errors a user can fix
         from dinocxr_fast.data import DatasetError  # noqa: PLC0415
+        from dinocxr_fast.evaluate import MissingClassError  # noqa: PLC0415
         from dinocxr_fast.runtime.job import NonFiniteLossError  # noqa: PLC0415
         from dinocxr_fast.runtime.checkpoint import CheckpointError  # noqa: PLC0415
 
-        if isinstance(exc, (DatasetError, CheckpointError, NonFiniteLossError)):
+        if isinstance(exc, (DatasetError, CheckpointError, NonFiniteLossError, MissingClassError)):
             print(f"error: {exc}", file=sys.stderr)
             return 1
         raise

@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .config import EvalConfig, ViewsConfig
-from .imageio import CorruptImageError, ImageInfo, load_encoded
+from .imageio import CorruptImageError, ImageInfo, load_encoded, policy
 from .planning import N_PARAMS, BatchSpec, eval_roi, plan_views
 from .samples import DatasetError, Source
 
@@ -88,6 +88,7 @@ class BatchAssembler:
         self.seed = seed
         self.on_bad = on_bad
         self.skip_log = skip_log if skip_log is not None else SkipLog()
+        self.policy = policy()  # the decode limits as built; it travels with the assembler to workers
         self._infos: dict[int, ImageInfo] = {}  # probe results, so later epochs skip the CRC walk
         # A prepared dataset hands out decoded pixels (see ``prepared``): nothing to read or probe.
         self.read_pixels = getattr(source, "read_pixels", None)
@@ -109,7 +110,7 @@ class BatchAssembler:
         if path in self.skip_log:
             return None
         try:
-            data, info = load_encoded(path, self._infos.get(index))
+            data, info = load_encoded(path, self._infos.get(index), self.policy)
         except CorruptImageError as e:
             self.skip_log.add(path, str(e))
             found.append((path, str(e)))

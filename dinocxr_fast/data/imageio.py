@@ -5,6 +5,13 @@ accepts plus the image size, or raises ``CorruptImageError`` with a reason. The 
 Python because the augmentation parameters (random-resized-crop boxes) are drawn here, not in the
 decoder, so both backends apply identical crops.
 
+Decompression bombs never reach a decoder: the pixel count is read from the header (PNG IHDR,
+JPEG frame header, PGM header, PIL's header parse, DICOM Rows x Columns x frames) and checked
+against one limit (``DecodePolicy.max_pixels``, config key ``data.max_image_pixels``) before any
+pixel is decoded, on every path (DALI on the CPU or the GPU and PIL both take the bytes
+``load_encoded`` returns). DICOM files that are not radiographs are refused unless
+``data.dicom_any_modality`` says otherwise.
+
 DICOM pixel data is decoded here (pydicom: modality rescale, MONOCHROME1 inversion, window to the
 full 16-bit range) and handed to the decoder as a 16-bit binary PGM: a 15-byte header in front of
 the raw big-endian uint16 samples. That keeps one decoder input for every format, so the DALI graph
@@ -13,7 +20,9 @@ has no conditional branch; DALI's decoder reads 16-bit PGM and PNG at full preci
 from __future__ import annotations
 
 import io
+import re
 import struct
+import warnings
 import zlib
 from typing import NamedTuple
 
@@ -25,6 +34,53 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".pgm", ".bmp", "
 
 class CorruptImageError(Exception):
     """The bytes are not a decodable image; the message says why."""
+
+
+class DecodePolicy(NamedTuple):
+    """What a decode may cost and accept; one default for every decode path."""
+
+    max_pixels: int = 50_000_000  # a 7000 x 7000 radiograph; a 30000 x 30000 bomb is 18 times more
+    dicom_any_modality: bool = False
+
+
+_policy = DecodePolicy()
+
+
+def set_policy(max_pixels: int | None = None, dicom_any_modality: bool | None = None) -> DecodePolicy:
+    """Set the process-wide default (loaders capture it when they are built, workers included)."""
+    global _policy
+    _policy = DecodePolicy(_policy.max_pixels if max_pixels is None else int(max_pixels),
+                           _policy.dicom_any_modality if dicom_any_modality is None else bool(dicom_any_modality))
+    return _policy
+
+
+def policy() -> DecodePolicy:
+    return _policy
+
+
+def policy_from_config(data_cfg) -> DecodePolicy:
+    """The config's data.max_image_pixels and data.dicom_any_modality made the default."""
+    default = DecodePolicy()
+    return set_policy(data_cfg.get("max_image_pixels", default.max_pixels),
+                      data_cfg.get("dicom_any_modality", default.dicom_any_modality))
+
+
+def check_size(height: int, width: int, limit: int, frames: int = 1) -> None:
+    pixels = int(height) * int(width) * max(int(frames), 1)
+    if pixels > limit:
+        where = f"{frames} frames of " if frames > 1 else ""
+        raise CorruptImageError(f"image too large: {where}{width} x {height} = {pixels:,} pixels is over the limit of "
+                                f"{limit:,} (data.max_image_pixels); not decoded")
+
+
+_BUFFER_REPR = re.compile(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+
+
+def describe(exc: BaseException) -> str:
+    """An exception as a message about the file's content: library messages name the in-memory
+    buffer (``<_io.BytesIO object at 0x...>``), which tells a user nothing."""
+    text = _BUFFER_REPR.sub("", str(exc)).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class ImageInfo(NamedTuple):
@@ -148,7 +204,7 @@ def _probe_other(data: bytes) -> ImageInfo:
             fmt = (im.format or "unknown").lower()
             depth = 16 if im.mode in ("I;16", "I;16B", "I") else 8
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise CorruptImageError(f"unrecognised image format ({e})") from None
+        raise CorruptImageError(f"unrecognised image format ({describe(e)})") from None
     return ImageInfo(fmt, height, width, depth)
 
 
@@ -168,23 +224,116 @@ def probe(data: bytes, check_crc: bool = True) -> ImageInfo:
 # ----------------------------------------------------------------------------- DICOM
 
 
-def dicom_to_uint16(data: bytes) -> np.ndarray:
+# Modalities of a projection radiograph; anything else (CT, MR, PT, US, RT*, waveforms, reports,
+# secondary captures) is refused by default.
+RADIOGRAPH_MODALITIES = ("CR", "DX", "DR", "RG")
+_SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+_WAVEFORM = "1.2.840.10008.5.1.4.1.1.9."
+
+
+def _not_a_radiograph(ds) -> str | None:
+    """Why ``ds`` is not a plain radiograph (Modality, SOP class and pixel attributes), or None."""
+    modality = str(getattr(ds, "Modality", "") or "").upper()
+    sop = str(getattr(ds, "SOPClassUID", "") or "")
+    if "WaveformSequence" in ds or sop.startswith(_WAVEFORM):
+        return f"a waveform (Modality {modality or 'not set'}), not an image"
+    if sop.startswith(_SECONDARY_CAPTURE):
+        return f"a secondary capture (Modality {modality or 'not set'}), not an acquired radiograph"
+    if modality and modality not in RADIOGRAPH_MODALITIES:
+        return f"Modality {modality}, not a radiograph ({', '.join(RADIOGRAPH_MODALITIES)})"
+    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric not in ("MONOCHROME1", "MONOCHROME2") or int(getattr(ds, "SamplesPerPixel", 1) or 1) != 1:
+        return f"a colour image ({photometric}), not a radiograph"
+    if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
+        return f"{ds.NumberOfFrames} frames (a volume or a cine), not a single radiograph"
+    return None
+
+
+def _transfer_syntax_mismatch(data: bytes, declared) -> str | None:
+    """The encoding the data set really has when it is not the declared one (None: no better guess)."""
+    from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    fp = io.BytesIO(data)
+    try:
+        read_preamble(fp, False)
+        _read_file_meta_info(fp)
+    except Exception:  # noqa: BLE001 - no file meta to start from
+        return None
+    start = fp.tell()
+    for uid, implicit, little in ((ExplicitVRLittleEndian, False, True), (ImplicitVRLittleEndian, True, True),
+                                  (ExplicitVRBigEndian, False, False)):
+        if uid == declared:
+            continue
+        fp.seek(start)
+        try:
+            ds = read_dataset(fp, implicit, little)
+            if "PixelData" in ds and int(ds.Rows) > 0:
+                return uid.name
+        except Exception:  # noqa: BLE001, S112 - try the next encoding
+            continue
+    return None
+
+
+def _transfer_syntax(ds):
+    from pydicom.uid import UID
+
+    meta = getattr(ds, "file_meta", None)
+    uid = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
+    return UID(str(uid)) if uid else None
+
+
+def _ts_name(uid) -> str:
+    return f"{uid.name} ({uid})" if uid is not None and uid.name != str(uid) else f"{uid or 'not declared'}"
+
+
+def dicom_to_uint16(data: bytes, policy: DecodePolicy | None = None) -> np.ndarray:
     """Decode a DICOM file to a 2-D uint16 image, bright = dense (X-ray convention).
 
-    Applies the modality LUT (RescaleSlope/RescaleIntercept), inverts MONOCHROME1 (where low
-    values are bright), then windows linearly from the image minimum to its maximum onto the full
-    uint16 range.
+    Checks first, from the header: a radiograph (unless ``policy.dicom_any_modality``), within
+    ``policy.max_pixels``, pixel data present and in the declared transfer syntax. Then applies
+    the modality LUT (RescaleSlope/RescaleIntercept), inverts MONOCHROME1 (where low values are
+    bright), and windows linearly from the image minimum to its maximum onto the full uint16 range.
     """
     import pydicom
 
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
-        pixels = ds.pixel_array
-    except Exception as e:  # pydicom raises many types for broken files
-        raise CorruptImageError(f"unreadable DICOM ({type(e).__name__}: {e})") from None
+    policy = policy or _policy
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about what the checks below report
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        except Exception as e:  # pydicom raises many types for broken files
+            raise CorruptImageError(f"unreadable DICOM ({describe(e)})") from None
+        if not policy.dicom_any_modality:
+            why = _not_a_radiograph(ds)
+            if why:
+                raise CorruptImageError(f"DICOM is {why}; set data.dicom_any_modality=true to accept it")
+        ts = _transfer_syntax(ds)
+        if "PixelData" not in ds:
+            real = _transfer_syntax_mismatch(data, ts)
+            if real:
+                raise CorruptImageError(f"wrong DICOM transfer syntax: declared {_ts_name(ts)}, but the data set is "
+                                        f"encoded as {real}")
+            raise CorruptImageError(f"unreadable DICOM: no pixel data in transfer syntax {_ts_name(ts)} "
+                                    "(the file is cut short or holds no image)")
+        try:
+            rows, cols = int(ds.Rows), int(ds.Columns)
+        except (AttributeError, TypeError, ValueError):
+            raise CorruptImageError("DICOM header lacks Rows/Columns") from None
+        check_size(rows, cols, policy.max_pixels, int(getattr(ds, "NumberOfFrames", 1) or 1))
+        try:
+            pixels = ds.pixel_array
+        except Exception as e:  # noqa: BLE001
+            expected = rows * cols * int(getattr(ds, "BitsAllocated", 16) or 16) // 8 * \
+                int(getattr(ds, "SamplesPerPixel", 1) or 1) * int(getattr(ds, "NumberOfFrames", 1) or 1)
+            if ts is not None and ts.is_compressed and len(ds.PixelData) == expected:
+                raise CorruptImageError(f"wrong DICOM transfer syntax: declared {_ts_name(ts)} (compressed), but the "
+                                        "pixel data has the size of uncompressed pixels") from None
+            raise CorruptImageError(f"cannot decode DICOM pixel data in transfer syntax {_ts_name(ts)} "
+                                    f"({describe(e)})") from None
     if pixels.ndim == 3 and getattr(ds, "SamplesPerPixel", 1) == 1:
         pixels = pixels[0]  # multi-frame: the first frame
-    if pixels.ndim == 3:  # colour DICOM (rare for X-ray): luma
+    if pixels.ndim == 3:  # colour DICOM (accepted with dicom_any_modality): luma
         pixels = pixels[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
     if pixels.ndim != 2 or pixels.size == 0:
         raise CorruptImageError(f"DICOM pixel data has shape {pixels.shape}, expected a 2-D image")
@@ -227,12 +376,15 @@ def pgm_bytes(image: np.ndarray) -> bytes:
 # ----------------------------------------------------------------------------- entry points
 
 
-def load_encoded(path: str, known: ImageInfo | None = None) -> tuple[bytes, ImageInfo]:
+def load_encoded(path: str, known: ImageInfo | None = None,
+                 policy: DecodePolicy | None = None) -> tuple[bytes, ImageInfo]:
     """Read one sample and return (decoder-ready bytes, info); raise CorruptImageError.
 
     ``known`` is the info from an earlier successful probe of the same file; passing it skips the
-    CRC walk (the bytes are still read). Phantom URIs are rendered in memory.
+    CRC walk (the bytes are still read). Phantom URIs are rendered in memory. ``policy`` (default:
+    the process-wide one) bounds the pixel count, checked from the header before decoding.
     """
+    policy = policy or _policy
     if path.startswith("phantom://"):
         from .synthetic import render_uri
 
@@ -246,12 +398,14 @@ def load_encoded(path: str, known: ImageInfo | None = None) -> tuple[bytes, Imag
     if known is not None and known.fmt != "dicom":
         return data, known
     if is_dicom(data) or (path.lower().endswith((".dcm", ".dicom")) and not data.startswith(PNG_SIGNATURE)):
-        image = dicom_to_uint16(data)
+        image = dicom_to_uint16(data, policy)
         return pgm_bytes(image), ImageInfo("dicom", image.shape[0], image.shape[1], 16)
-    return data, probe(data)
+    info = probe(data)
+    check_size(info.height, info.width, policy.max_pixels)
+    return data, info
 
 
-def decode_pil(data: bytes):
+def decode_pil(data: bytes, policy: DecodePolicy | None = None):
     """Decode bytes from ``load_encoded`` to a PIL image: mode 'L' (8-bit) or 'F' (0..255 scale).
 
     16-bit inputs become float images so no precision is lost before resampling; colour images
@@ -261,9 +415,12 @@ def decode_pil(data: bytes):
 
     try:
         im = Image.open(io.BytesIO(data))
+        check_size(im.height, im.width, (policy or _policy).max_pixels)  # from the header, before im.load()
         im.load()
+    except CorruptImageError:
+        raise
     except Exception as e:
-        raise CorruptImageError(f"undecodable image ({type(e).__name__}: {e})") from None
+        raise CorruptImageError(f"undecodable image ({describe(e)})") from None
     if im.mode == "L":
         return im
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):

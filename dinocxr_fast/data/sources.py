@@ -38,12 +38,25 @@ def _require_dir(root: Path) -> None:
         raise DatasetError(f"dataset path is not a directory: {root}")
 
 
-def _scan(folder: Path, extensions: Sequence[str]) -> list[str]:
-    """Image files under ``folder`` (recursive, hidden entries skipped), sorted for a stable order."""
+def scan_images(folder: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[str]:
+    """Image files under ``folder`` (recursive, hidden entries skipped), sorted for a stable order.
+
+    Directory symlinks are followed, but every directory is read once: a link back to a folder
+    already scanned (a loop, or a second way into the same folder) is named in the log and
+    skipped. Links to nothing are listed: reading them fails, and the loaders name them."""
     exts = tuple(e.lower() for e in extensions)
     found = []
+    seen: dict[tuple[int, int], str] = {}
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        st = os.stat(dirpath)
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            kind = "a symlink loop" if seen[key] == os.path.commonpath([seen[key], dirpath]) else "a second link"
+            log.warning("skipping %s: %s to %s, which is read once", dirpath, kind, seen[key])
+            dirnames[:] = []
+            continue
+        seen[key] = dirpath
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         found += [os.path.join(dirpath, f) for f in filenames if not f.startswith(".") and f.lower().endswith(exts)]
     return sorted(found)
 
@@ -69,7 +82,7 @@ class ImageFolderSource(Source):
         _require_dir(root)
         pid = patient_id or (lambda p: None)
         if not labelled:
-            samples = [Sample(p, UNLABELLED, pid(p)) for p in _scan(root, extensions)]
+            samples = [Sample(p, UNLABELLED, pid(p)) for p in scan_images(root, extensions)]
             classes = ()
         else:
             found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -80,7 +93,7 @@ class ImageFolderSource(Source):
             missing = [c for c in classes if c not in found]
             if missing:
                 raise DatasetError(f"class folder(s) {missing} not found in {root} (found {found})")
-            samples = [Sample(p, ci, pid(p)) for ci, c in enumerate(classes) for p in _scan(root / c, extensions)]
+            samples = [Sample(p, ci, pid(p)) for ci, c in enumerate(classes) for p in scan_images(root / c, extensions)]
         if not samples:
             raise DatasetError(f"no images ({', '.join(extensions)}) found under {root}")
         super().__init__(samples, classes, str(root))

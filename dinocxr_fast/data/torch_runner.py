@@ -6,8 +6,11 @@ tensors to the device. Workers are persistent: they are started once and reused 
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+import signal
 import sys
+import threading
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -50,7 +53,7 @@ class _BatchDataset(Dataset):
         images, failed = [], False
         for index, data in zip(pb.indices, pb.data):
             try:
-                images.append(decode_pil(data))
+                images.append(decode_pil(data, self.assembler.policy))
             except CorruptImageError as e:
                 self.assembler.mark_bad(int(index), str(e))
                 found.append((self.assembler.source[int(index)].path, str(e)))
@@ -96,7 +99,29 @@ def _keep(item):
     return item
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _stop_signals_blocked():
+    """Workers forked inside this block start with SIGINT/SIGTERM blocked (the mask is
+    inherited) until ``_worker_init`` ignores them; the main process gets them as usual after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def _worker_init(_: int) -> None:
+    # Ctrl-C, docker stop, SLURM and systemd signal the whole process group: the workers ignore
+    # it, so the main process can finish its step and save a checkpoint with its loader intact.
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     torch.set_num_threads(1)  # one core per worker; the workers are the parallelism
     # Workers report skips with each batch; the main process logs them, once.
     torch.utils.data.get_worker_info().dataset.assembler.skip_log.verbose = False
@@ -131,6 +156,9 @@ class TorchRunner:
             num_workers=num_workers,
             collate_fn=_keep,
             pin_memory=device.type == "cuda",
+            # DataLoader draws a worker seed at every iter(): from its own generator, not the global
+            # RNG the model's dropout uses, so a resumed run draws what the uninterrupted one drew
+            generator=torch.Generator(),
             **kwargs,
         )
 
@@ -139,7 +167,9 @@ class TorchRunner:
     ) -> Iterator[tuple[PreparedBatch, list[torch.Tensor]]]:
         stream = make_stream(*start)
         self._sampler.specs = [next(stream) for _ in range(count)]
-        for pb, outputs in self._loader:
+        with _stop_signals_blocked():  # the first iteration starts the persistent workers
+            batches = iter(self._loader)
+        for pb, outputs in batches:
             yield pb, [t.to(self.device, non_blocking=True) for t in outputs]
 
     def close(self) -> None:

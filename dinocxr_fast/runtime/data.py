@@ -31,10 +31,12 @@ def _prepared(root: Path) -> PreparedDataset | None:
 @functools.lru_cache(maxsize=4)
 def _open_prepared(root: str, index_mtime_ns: int) -> PreparedDataset:
     return PreparedDataset(root)
+from dinocxr_fast.data.imageio import policy_from_config
 
 
 def pretrain_source(data_cfg: dict, seed: int) -> Source:
     """Unlabelled images: the user's folder or CSV list, or the embedded synthetic phantoms."""
+    policy_from_config(data_cfg)
     path = data_cfg.get("path")
     if path is None:
         return SyntheticSource(int(data_cfg["synthetic_count"]), int(data_cfg["synthetic_size"]), seed=seed).unlabelled()
@@ -163,6 +165,7 @@ def supervised_sources(data_cfg: dict) -> tuple[Source, Source, Source, str]:
     """
     from dinocxr_fast.data import split_by_patient  # noqa: PLC0415
 
+    policy_from_config(data_cfg)
     if not data_cfg.get("path"):
         raise DatasetError("data.path is required: an ImageFolder root with train/ and val/ sub-folders (--data PATH)")
     root = Path(data_cfg["path"]).expanduser()
@@ -184,6 +187,11 @@ def supervised_sources(data_cfg: dict) -> tuple[Source, Source, Source, str]:
         test, test_split = split_source(root, val_split, classes), val_split
     if fraction < 1.0:
         train = train.label_fraction(fraction, int(data_cfg["label_seed"]))
+    for name, source in (("training", train), ("validation", val), ("test", test)):
+        empty = [c for c, n in source.class_counts().items() if n == 0]
+        if empty:  # AUC, balanced accuracy and class weights need every class
+            raise DatasetError(f"the {name} split ({source.root}) has no image of class {', '.join(empty)}: "
+                               "every split needs images of every class")
     return train, val, test, test_split
 
 

@@ -58,9 +58,27 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+_FLAG_GROUP = None
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any. A CPU (gloo) group carries the flag, so
+    asking every step costs no GPU synchronisation."""
+    global _FLAG_GROUP
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    if _FLAG_GROUP is None:
+        _FLAG_GROUP = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+    t = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_FLAG_GROUP)
+    return bool(t.item())
+
+
 def shutdown() -> None:
+    global _FLAG_GROUP
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _FLAG_GROUP = None
 
 
 @torch.no_grad()

@@ -73,6 +73,7 @@ class TrainingJob:
         distributed.barrier()
         torch.manual_seed(int(t["seed"]))  # the same initial weights on every rank
         self.step = 0
+        self.resumed = False
         self.stop = StopReason()
         self._signal: str | None = None
         self.metrics = MetricsWriter(self.run_dir, enabled=self.is_main)
@@ -154,6 +155,7 @@ class TrainingJob:
             probe = self.run_dir / ".write-test"
             probe.write_text("ok")
             probe.unlink()
+            ckpt.clean_partial(self.run_dir)  # what a killed run left half-made
         except OSError as exc:
             raise ckpt.CheckpointError(f"run folder {self.run_dir} is not writable: {exc.strerror or exc}") from exc
 
@@ -190,6 +192,7 @@ class TrainingJob:
         self.loader.load_state_dict(state["data"])
         ckpt.set_rng_state(state["rng"])
         self.step = int(state["step"])
+        self.resumed = True
         log.info("resumed from %s at step %d", path, self.step)
 
     # ---- checkpoints ------------------------------------------------------------------------------
@@ -227,7 +230,10 @@ class TrainingJob:
             try:
                 saved.append(str(self.save_checkpoint()))
             except NonFiniteLossError:
-                saved.append("no checkpoint (weights already non-finite; the previous checkpoint is the last good state)")
+                earlier = ckpt.list_step_checkpoints(self.run_dir)
+                last_good = (f"{earlier[-1]} is the last good state" if earlier else
+                             "no earlier checkpoint exists, so none holds a good state")
+                saved.append(f"no checkpoint (the weights are already non-finite; {last_good})")
             path = self.run_dir / f"nonfinite-step{self.step:08d}.pt"
             ckpt.atomic_torch_save({"step": self.step, "what": what, "terms": terms, **debug}, path)
             saved.append(str(path))
@@ -243,9 +249,30 @@ class TrainingJob:
 
     def _install_signal_handlers(self) -> dict:
         def handler(signum, _frame):
-            self._signal = signal.Signals(signum).name
+            self._signal = self._signal or signal.Signals(signum).name  # a second one changes nothing
 
         return {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _stop_requested(self) -> bool:
+        """A signal reached this process, or (under torchrun) any rank: all ranks stop at the same step."""
+        if self.dist.enabled:
+            stopping = distributed.any_rank(self._signal is not None)
+            if stopping and not self._signal:
+                self._signal = "a signal to another rank"
+        return self._signal is not None
+
+    def _next_batch(self, batches):
+        """The next batch; a loader whose workers a signal took down counts as a stop, not a crash."""
+        try:
+            return next(batches)
+        except StopIteration:
+            raise
+        except Exception:
+            time.sleep(0.5)  # the signal to this process may trail the one that hit a worker
+            if self._signal is None:
+                raise
+            log.warning("the data loader failed after %s; stopping with a checkpoint", self._signal)
+            return None
 
     # ---- the loop -----------------------------------------------------------------------------------
     def run(self) -> StopReason:
@@ -261,6 +288,7 @@ class TrainingJob:
         out = None
         if self.is_main:
             self._print_startup(max_steps)
+        self.metrics.truncate_after(self.step if self.resumed else -1)  # no step logged twice
         try:
             self.on_start(progress)
             while self.step < self.end_step(max_steps):
@@ -270,8 +298,10 @@ class TrainingJob:
                 while self.step < self.end_step(max_steps) and self.step // self.steps_per_epoch == epoch:
                     t_wait = time.perf_counter()
                     try:
-                        batch = next(batches)
+                        batch = self._next_batch(batches)
                     except StopIteration:
+                        break
+                    if batch is None:
                         break
                     window["wait"] += time.perf_counter() - t_wait
                     out = self.train_step(batch)
@@ -281,7 +311,7 @@ class TrainingJob:
                     if self.step % ckpt_every == 0:
                         self._checkpoint(progress)
                     self.on_step_end(deadline, progress)
-                    if self._signal or self._out_of_time(deadline):
+                    if self._stop_requested() or self._out_of_time(deadline):
                         break
                 if self._signal:
                     self.stop = StopReason("signal", self._signal)

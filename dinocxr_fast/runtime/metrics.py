@@ -21,17 +21,36 @@ class MetricsWriter:
 
     def __init__(self, run_dir: Path, enabled: bool = True):
         self.enabled = enabled
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "metrics.jsonl"
         self._tb = None
         self.tensorboard_error: str | None = None
         self._start = time.monotonic()
         if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
+            self._open_tensorboard()
 
-                self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
-            except Exception as exc:  # noqa: BLE001 - TensorBoard is optional
-                self.tensorboard_error = f"TensorBoard events not written ({exc}); pip install tensorboard"
+    def _open_tensorboard(self, purge_step: int | None = None) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
+
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=purge_step)
+        except Exception as exc:  # noqa: BLE001 - TensorBoard is optional
+            self.tensorboard_error = f"TensorBoard events not written ({exc}); pip install tensorboard"
+
+    def truncate_after(self, step: int) -> None:
+        """Drop the records past ``step``: a resumed run logs those steps again (a fresh run
+        passes -1), so no step appears twice."""
+        if not self.enabled or not self.path.is_file():
+            return
+        lines = self.path.read_text().splitlines()
+        kept = [ln for ln in lines if ln.strip() and _step_of(ln) <= step]
+        if len(kept) != len(lines):
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(ln + "\n" for ln in kept))
+            tmp.replace(self.path)
+            if self._tb is not None:  # TensorBoard hides the events past the resumed step
+                self._tb.close()
+                self._open_tensorboard(purge_step=step + 1)
 
     def write(self, record: Mapping, step: int) -> None:
         if not self.enabled:
@@ -60,6 +79,11 @@ def print_startup(what: str, fields: list[tuple[str, object]], stream=None) -> N
     width = max(len(k) for k, _ in fields)
     lines = [f"== {what} =="] + [f"  {k:<{width}}  {v}" for k, v in fields]
     print("\n".join(lines), file=stream or sys.stderr, flush=True)
+def _step_of(line: str) -> float:
+    try:
+        return float(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return float("inf")  # a line cut short by a kill: dropped
 
 
 class Progress:
