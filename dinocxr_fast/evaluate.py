@@ -201,7 +201,7 @@ def check_split(root: Path, split: str | None) -> None:
     from dinocxr_fast.runtime import data as data_setup  # noqa: PLC0415  (torch: after --help)
 
     if split and not data_setup.has_split(root, split):
-        present = data_setup.split_names(root)
+        present = data_setup.available_splits(root)
         raise FileNotFoundError(f"--split {split}: {root} has no {split}/ folder (it has: {', '.join(present) or 'none'}); "
                                 f"pick one of those, e.g. --split {present[-1] if present else 'val'}")
 

@@ -18,7 +18,6 @@ from typing import Iterator
 
 from dinocxr_fast.cli import parser as cli_parser
 
-from dinocxr_fast.runtime.checkpoint import sha256_file
 
 STANDARD_DOMAINS = ("", "ai.onnx")
 
@@ -40,7 +39,10 @@ def reference_ops() -> Iterator[None]:
             os.environ[_backend.ENV_VAR] = previous
 
 
-sha256_of = sha256_file
+def sha256_of(path: Path) -> str:
+    from dinocxr_fast.runtime.checkpoint import sha256_file  # noqa: PLC0415  (imports torch: after --help)
+
+    return sha256_file(path)
 
 
 def metadata_for(record: dict, checkpoint: Path, *, features_only: bool, precision: str = "fp32") -> dict:

@@ -124,7 +124,7 @@ def has_split(root: str | Path, split: str) -> bool:
     return (Path(root).expanduser() / split).is_dir()
 
 
-def split_names(root: str | Path) -> list[str]:
+def available_splits(root: str | Path) -> list[str]:
     """The splits a labelled root holds: a prepared dataset's, or a folder's sub-folders."""
     root = Path(root).expanduser()
     prepared = _prepared(root)
