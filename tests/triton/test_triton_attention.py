@@ -170,12 +170,20 @@ def test_what_the_kernels_do_not_cover_is_a_value_error(call, match):
         call(torch.zeros(1, 7, 7, 3 * 16))
 
 
-def test_auto_takes_triton_on_cuda_only():
-    from dinocxr_fast.ops import _backend
+def test_auto_never_takes_the_interpreter_on_the_cpu():
+    from dinocxr_fast.ops import _dispatch
 
     for table in (attn_mod.IMPLEMENTED, attn_mod.WINDOW_IMPLEMENTED):
-        assert _backend.resolve("attention", "auto", torch.device("cpu"), table) == "torch"
-        assert table["cuda"][0] == "triton"
+        assert _dispatch.candidates("attention", torch.device("cpu"), table) == []
+        assert "triton" in table["cuda"]
+
+
+def test_full_attention_grid_over_65535_programs_is_not_launched():
+    from dinocxr_fast.kernels.triton import attention as full_kernels
+
+    qkv = torch.zeros(1, 1, 48).expand(40000, 1, 48)  # batch x heads = 80000 programs on the grid's y axis
+    assert "65535" in full_kernels.supports(qkv, 2)
+    assert full_kernels.supports(qkv[:30000], 2) is None
 
 
 def test_config_pruning(monkeypatch):
