@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-steps", type=int, help="train.max_steps: stop after this many steps in all")
     parser.add_argument("--device", help="train.device (auto, cpu, cuda)")
     parser.add_argument("--views", choices=("dino_cxr", "dino_multicrop"), help="data.views")
-    parser.add_argument("--backend", help="fused-op backend: auto, cpp, cuda, triton, torch")
+    parser.add_argument("--backend", help="backend of every fused op: auto (verified on this device), cpp, cuda, triton, torch")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
     parser.add_argument("--quiet", action="store_true", help="no progress display")
     return parser

@@ -219,3 +219,34 @@ def test_sync_batch_norm_is_never_bypassed_by_the_fused_path(monkeypatch):
     torch.testing.assert_close(got, ref(x), rtol=1e-4, atol=1e-5)
     for a, b in zip(synced.buffers(), ref.buffers()):
         torch.testing.assert_close(a, b)
+
+
+# ---- the trainer's start-up plan ----------------------------------------------------------------------
+def test_pretraining_plans_every_op_and_writes_the_table(tmp_path, capsys):
+    from dinocxr_fast import train
+
+    run = tmp_path / "run"
+    args = ["--out", str(run), "--max-steps", "1", "--quiet", "--backend", "triton",  # no op can run triton here
+            "--set", "data.synthetic_count=8", "--set", "data.synthetic_size=32", "--set", "data.view_size=32",
+            "--set", "optim.batch_size=2", "--set", "model.out_dim=64", "--set", "model.head_hidden_dim=32",
+            "--set", "model.head_bottleneck_dim=16", "--set", "data.num_workers=1", "--set", "train.knn_every=0"]
+    with pytest.warns(RuntimeWarning, match="'triton' was asked for but cannot run here"):
+        assert train.main(args) == 0
+    table = (run / "backends.md").read_text()
+    for op in ("| dino_loss |", "| attention |", "| window_attention |", "| pcm |", "| conv_bn_act |"):
+        assert op in table
+    assert "forced: triton" in table and table.splitlines()[0] in capsys.readouterr().err
+    rows = json.loads((run / "backends.json").read_text())["rows"]
+    assert all(r["chosen"] in ("torch", "cpp") for r in rows)
+
+
+def test_a_bad_argument_is_not_reported_as_a_non_finite_loss():
+    from dinocxr_fast.ops import dino_loss
+    from dinocxr_fast.ops._checks import NonFiniteInputError
+
+    s, t = torch.randn(6, 8), torch.randn(4, 8)
+    with pytest.raises(NonFiniteInputError):
+        dino_loss(s * float("nan"), t, torch.zeros(8), student_temp=0.1, teacher_temp=0.04)
+    with pytest.raises(ValueError) as bad_shape:
+        dino_loss(s, t[:, :4], torch.zeros(8), student_temp=0.1, teacher_temp=0.04)
+    assert not isinstance(bad_shape.value, NonFiniteInputError)  # pretrain.py only turns the former into a stop

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from dinocxr_fast import _ext
 from dinocxr_fast.ops import _dispatch, _verify
-from dinocxr_fast.ops._checks import check_positive, check_same_device, check_tensor, first_non_finite
+from dinocxr_fast.ops._checks import NonFiniteInputError, check_positive, check_same_device, check_tensor, first_non_finite
 
 # The backends per device type; ``auto`` takes a custom one only once it is verified and timed
 # faster than the vendor path on this device (ops/_dispatch.py).
@@ -204,12 +204,12 @@ def _run(student_out, teacher_out, center, student_temp, teacher_temp, n_global,
         else:
             if check_finite and not bool(torch.isfinite(loss)):
                 bad = first_non_finite(student_out=student_out, teacher_out=teacher_out, center=center)
-                raise ValueError(f"{bad or 'an input'} holds non-finite values (NaN or inf): the loss is {loss.item()}")
+                raise NonFiniteInputError(f"{bad or 'an input'} holds non-finite values (NaN or inf): the loss is {loss.item()}")
             return loss, tsum
     if check_finite:  # the reference has no pass of its own to notice
         bad = first_non_finite(student_out=student_out, teacher_out=teacher_out, center=center)
         if bad:
-            raise ValueError(f"{bad} holds non-finite values (NaN or inf)")
+            raise NonFiniteInputError(f"{bad} holds non-finite values (NaN or inf)")
     # The reference itself, differentiated by autograd.
     loss = dino_loss_reference(student_out, teacher_out, center, student_temp, teacher_temp, n_global)
     if loss.dtype != torch.float64:
