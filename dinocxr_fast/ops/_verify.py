@@ -32,9 +32,11 @@ import torch
 
 VENDOR = "torch"
 REFERENCE = "reference"
-# Largest error a backend may show, relative to max(1, max |reference|), per input dtype. A
-# backend computing in the input dtype must land within a few units of its last place.
-TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}
+# Largest error a backend may show against the float64 reference, relative to
+# max(1, max |reference|), per input dtype: a few units in the last place of the dtype, with room
+# for the reductions of BatchNorm's backward over a batch (the vendor path itself reaches ~3e-4
+# in float32 there). A wrong kernel is off by far more.
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 6e-2}
 MIN_SPEEDUP = 1.03
 CASE_TIMEOUT_S = float(os.environ.get("DINOCXR_VERIFY_TIMEOUT", "120"))
 START_TIMEOUT_S = 300.0  # a child's import of torch and first CUDA context may be slow
