@@ -146,8 +146,13 @@ def test_forcing_a_backend_the_op_lacks_falls_through_to_auto_with_a_warning(mon
         assert torch.equal(fakes.fake_scale(x_in()), x_in() * 2)
     _dispatch.set_forced("cpp")  # one the op has: taken without verification, as asked
     fakes.calls.update(cpp=0, torch=0)
-    fakes.fake_scale(x_in())
+    with _dispatch.recording() as calls:
+        fakes.fake_scale(x_in())
     assert fakes.calls["cpp"] == 1
+    monkeypatch.setenv("DINOCXR_FAKE_MODE", "slow")
+    (row,) = _dispatch.plan(calls, isolate=lambda *a: False)
+    assert row.chosen == "cpp (forced)" and "slower" in row.refused["cpp"]  # the table shows both
+    monkeypatch.setenv("DINOCXR_FAKE_MODE", "right")
     monkeypatch.setenv("DINOCXR_BACKEND", "cuda")  # the environment variable forces the same way
     _dispatch.set_forced(None)
     with pytest.warns(RuntimeWarning, match="'cuda' was asked for but cannot run here"):

@@ -16,7 +16,8 @@ def test_the_script_parses():
 
 def test_dry_run_writes_at_most_eight_files_and_records_the_commit(tmp_path):
     out = tmp_path / "out"
-    env = dict(os.environ, OUT=str(out), GPU_CHECK_DRY_RUN="1", DINOCXR_COMMIT="abc1234", PYTHONPATH=str(SCRIPT.parents[1]))
+    env = dict(os.environ, OUT=str(out), GPU_CHECK_DRY_RUN="1", DINOCXR_COMMIT="abc1234",
+               PYTHONPATH=str(SCRIPT.parents[1]))
     proc = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     files = [p for p in out.rglob("*") if p.is_file()]

@@ -157,6 +157,8 @@ def choose(op: str, requested: str, device: torch.device, implemented: Mapping[s
             return Choice(requested, "explicit")
         say_once(f"{op}: no {requested!r} backend is implemented for this op (it has {sorted(known)}); "
                  f"using auto", warn=True)
+    if _recording is not None and case is not None:
+        _recording.append((op, device, case()))
     process_wide = forced()
     if process_wide != "auto":
         if process_wide not in _backend.BACKENDS:
@@ -170,8 +172,6 @@ def choose(op: str, requested: str, device: torch.device, implemented: Mapping[s
             return Choice(process_wide, "forced")
         say_once(f"{op}: backend {process_wide!r} was asked for but cannot run here ({reason}); using auto", warn=True)
     names = candidates(op, device, implemented)
-    if _recording is not None and case is not None:
-        _recording.append((op, device, case()))
     if not names or case is None:
         return Choice(VENDOR, "auto")
     return Choice(_auto_backend(op, device, tuple(names), case()), "auto")
@@ -183,6 +183,17 @@ def fall_back(op: str, choice: Choice, reason: str) -> Choice:
         say_once(f"{op}: backend {choice.backend!r} cannot run this call ({reason}); using the vendor path",
                  warn=True)
     return Choice(VENDOR, choice.mode)
+
+
+def unless_uncovered(op: str, choice: Choice, problem: tuple[str, str] | None) -> Choice:
+    """``choice`` when its backend covers the call (``problem`` None); else, for a backend named on
+    the call, a ValueError "<argument>: <why>", and the vendor path otherwise."""
+    if problem is None:
+        return choice
+    name, why = problem
+    if choice.mode == "explicit":
+        raise ValueError(f"{name}: {why}")
+    return fall_back(op, choice, f"{name}: {why}")
 
 
 def demote(op: str, backend: str, exc: BaseException) -> None:
@@ -200,7 +211,7 @@ def demoted() -> dict[tuple[str, str], str]:
 # ---- planning: verify what a run will call --------------------------------------------------------
 @contextlib.contextmanager
 def recording() -> Iterator[list]:
-    """Collect (op, device, case) of every call that reaches the ``auto`` rule."""
+    """Collect (op, device, case) of every call not given a backend by name (auto or forced)."""
     global _recording
     previous, _recording = _recording, []
     try:
@@ -293,12 +304,16 @@ def _row(op: str, device: torch.device, case: dict) -> PlanRow:
             refused[n] = why
     usable = [n for n in names if n not in refused]
     chosen = _best(op, device, usable, case)
+    process_wide = forced()
+    if process_wide in spec.custom.get(device.type, ()) and _backend.why_unavailable(process_wide, device) is None:
+        chosen = process_wide  # forced: taken whatever its verdict (the row still shows the verdict's numbers)
     vendor = verdict(op, VENDOR, case, device) or {}
+    label = f"{chosen} (forced)" if chosen == process_wide else chosen
     if chosen == VENDOR:
-        return PlanRow(op, spec.describe(case), case["dtype"], VENDOR, 1.0, vendor.get("max_err"), refused,
+        return PlanRow(op, spec.describe(case), case["dtype"], label, 1.0, vendor.get("max_err"), refused,
                        vendor.get("ms"), vendor.get("ms"))
-    v = verdict(op, chosen, case, device)
-    return PlanRow(op, spec.describe(case), case["dtype"], chosen, v.get("speedup"), v.get("max_err"), refused,
+    v = verdict(op, chosen, case, device) or {}
+    return PlanRow(op, spec.describe(case), case["dtype"], label, v.get("speedup"), v.get("max_err"), refused,
                    v.get("vendor_ms"), v.get("ms"))
 
 

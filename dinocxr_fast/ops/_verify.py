@@ -111,7 +111,8 @@ def forward_backward(fn: Callable[[], Any], inputs: Mapping[str, Any]) -> list[t
     result = [o.detach() for o in outs]
     result += [torch.zeros_like(t) if g is None else g.detach() for t, g in zip(leaves, grads)]
     # Buffers an op updates in place (BatchNorm running statistics) are outputs too.
-    result += [t.detach().clone() for k, t in inputs.items() if k.startswith("running_") and isinstance(t, torch.Tensor)]
+    result += [t.detach().clone() for k, t in inputs.items()
+               if k.startswith("running_") and isinstance(t, torch.Tensor)]
     return result
 
 

@@ -183,11 +183,7 @@ def _unless_triton_cannot(op, choice, qkv, num_heads, window_size, dropout_p) ->
     if choice.backend != "triton":
         return choice
     reason = attention_triton.why_unsupported(qkv, num_heads, window_size, dropout_p)
-    if reason is None:
-        return choice
-    if choice.mode == "explicit":
-        raise ValueError(f"backend 'triton' cannot run this call: {reason}")
-    return _dispatch.fall_back(op, choice, reason)
+    return _dispatch.unless_uncovered(op, choice, reason and ("backend 'triton' cannot run this call", reason))
 
 
 def _run(op, kernels, choice, args):
@@ -247,7 +243,8 @@ def attention(
         "batch": qkv.shape[0], "tokens": list(qkv.shape[1:-1]), "channels": qkv.shape[-1], "heads": num_heads,
         "dropout": dropout_p > 0, "dtype": _dtype_name(qkv)})
     choice = _unless_triton_cannot("attention", choice, qkv, num_heads, None, dropout_p)
-    return _run("attention", _KERNELS, choice, (qkv, num_heads, _default_scale(qkv, num_heads, scale), float(dropout_p)))
+    return _run("attention", _KERNELS, choice,
+                (qkv, num_heads, _default_scale(qkv, num_heads, scale), float(dropout_p)))
 
 
 def window_attention(

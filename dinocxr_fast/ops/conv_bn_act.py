@@ -528,13 +528,8 @@ def _cuda_or_fallback(choice, x, weight, stride, padding, dilation, groups, bn, 
     ``backend="cuda"`` on the call, the vendor path otherwise."""
     if choice.backend != "cuda":
         return choice
-    problem = _cuda_unsupported(x, weight, stride, padding, dilation, groups, bn, training)
-    if problem is None:
-        return choice
-    name, why = problem
-    if choice.mode == "explicit":
-        raise ValueError(f"{name}: {why}")
-    return rule.fall_back("conv_bn_act", choice, f"{name}: {why}")
+    return rule.unless_uncovered("conv_bn_act", choice,
+                                 _cuda_unsupported(x, weight, stride, padding, dilation, groups, bn, training))
 
 
 # ---- one conv -----------------------------------------------------------------------------------
@@ -910,13 +905,7 @@ def _cpp_unsupported(x, weight, bias, bn) -> tuple[str, str] | None:
 
 
 def _cpp_or_fallback(choice, x, weight, bias, bn) -> rule.Choice:
-    problem = _cpp_unsupported(x, weight, bias, bn)
-    if problem is None:
-        return choice
-    name, why = problem
-    if choice.mode == "explicit":
-        raise ValueError(f"{name}: {why}")
-    return rule.fall_back("conv_bn_act", choice, f"{name}: {why}")
+    return rule.unless_uncovered("conv_bn_act", choice, _cpp_unsupported(x, weight, bias, bn))
 
 
 def _conv_bn_act_cpp(

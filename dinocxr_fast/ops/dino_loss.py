@@ -24,7 +24,13 @@ import torch.nn.functional as F
 
 from dinocxr_fast import _ext
 from dinocxr_fast.ops import _dispatch, _verify
-from dinocxr_fast.ops._checks import NonFiniteInputError, check_positive, check_same_device, check_tensor, first_non_finite
+from dinocxr_fast.ops._checks import (
+    NonFiniteInputError,
+    check_positive,
+    check_same_device,
+    check_tensor,
+    first_non_finite,
+)
 
 # The backends per device type; ``auto`` takes a custom one only once it is verified and timed
 # faster than the vendor path on this device (ops/_dispatch.py).
@@ -181,9 +187,7 @@ def _choose(backend, device, student_out, teacher_out, n_global) -> _dispatch.Ch
                               lambda: _case(student_out, teacher_out, n_global))
     if choice.backend == "cuda" and student_out.dtype not in _CUDA_DTYPES:
         why = f"the cuda kernel computes float32, bfloat16 and float16, got {student_out.dtype}"
-        if choice.mode == "explicit":
-            raise ValueError(f"student_out: {why}")
-        choice = _dispatch.fall_back("dino_loss", choice, why)
+        choice = _dispatch.unless_uncovered("dino_loss", choice, ("student_out", why))
     return choice
 
 
@@ -204,7 +208,8 @@ def _run(student_out, teacher_out, center, student_temp, teacher_temp, n_global,
         else:
             if check_finite and not bool(torch.isfinite(loss)):
                 bad = first_non_finite(student_out=student_out, teacher_out=teacher_out, center=center)
-                raise NonFiniteInputError(f"{bad or 'an input'} holds non-finite values (NaN or inf): the loss is {loss.item()}")
+                raise NonFiniteInputError(
+                    f"{bad or 'an input'} holds non-finite values (NaN or inf): the loss is {loss.item()}")
             return loss, tsum
     if check_finite:  # the reference has no pass of its own to notice
         bad = first_non_finite(student_out=student_out, teacher_out=teacher_out, center=center)
