@@ -4,6 +4,7 @@ with the right numbers; the verdict cache survives corruption and other versions
 raises mid-run is demoted. The fake op is tests/dispatch_fakes.py."""
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import logging
@@ -255,3 +256,22 @@ def test_a_bad_argument_is_not_reported_as_a_non_finite_loss():
     with pytest.raises(ValueError) as bad_shape:
         dino_loss(s, t[:, :4], torch.zeros(8), student_temp=0.1, teacher_temp=0.04)
     assert not isinstance(bad_shape.value, NonFiniteInputError)  # pretrain.py only turns the former into a stop
+
+
+def test_a_failing_reference_refuses_every_candidate_instead_of_stopping_the_run(monkeypatch):
+    def broken(case, device):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(fakes, "SPEC", dataclasses.replace(fakes.SPEC, make_inputs=broken))
+    row = plan()
+    assert row.chosen == "torch" and "verification failed: RuntimeError: out of memory" in row.refused["cpp"]
+
+
+def test_the_cache_folder_and_its_atomic_write(tmp_path, monkeypatch):
+    monkeypatch.delenv("DINOCXR_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert _verdict_cache.cache_dir() == tmp_path / "xdg" / "dinocxr_fast"
+    monkeypatch.setenv("DINOCXR_CACHE_DIR", str(tmp_path / "mine"))
+    path = _verdict_cache.save(CPU, {"k": {"ok": True}})
+    assert path.parent == tmp_path / "mine" and [p.name for p in path.parent.iterdir()] == [path.name]
+    assert _verdict_cache.load(CPU) == {"k": {"ok": True}}

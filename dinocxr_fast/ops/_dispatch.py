@@ -267,7 +267,11 @@ def plan(calls: Sequence[tuple[str, torch.device, dict]], *, reverify: bool = Fa
     for i, (op, device, case, names) in enumerate(inline):
         if progress:
             progress(f"verifying {op} {_verify.spec(op).describe(case)} ({i + 1}/{len(inline)})")
-        _store(op, device, case, _verify.verify_case(_verify.spec(op), case, names, device, check_vendor=check_vendor))
+        try:
+            verdicts = _verify.verify_case(_verify.spec(op), case, names, device, check_vendor=check_vendor)
+        except Exception as exc:  # noqa: BLE001 - the reference or the vendor path failed: trust nothing here
+            verdicts = _verify.failed(names, f"verification failed: {type(exc).__name__}: {exc}"[:300])
+        _store(op, device, case, verdicts)
         touched.add(device)
     for (name, device_str), jobs in isolated.items():
         device = torch.device(device_str)
