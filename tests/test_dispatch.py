@@ -232,16 +232,16 @@ def test_pretraining_plans_every_op_and_writes_the_table(tmp_path, capsys):
     from dinocxr_fast import train
 
     run = tmp_path / "run"
-    args = ["--out", str(run), "--max-steps", "1", "--quiet", "--backend", "triton",  # no op can run triton here
+    args = ["--out", str(run), "--max-steps", "1", "--quiet", "--backend", "cuda",  # no op can run cuda here
             "--set", "data.synthetic_count=8", "--set", "data.synthetic_size=32", "--set", "data.view_size=32",
             "--set", "optim.batch_size=2", "--set", "model.out_dim=64", "--set", "model.head_hidden_dim=32",
             "--set", "model.head_bottleneck_dim=16", "--set", "data.num_workers=1", "--set", "train.knn_every=0"]
-    with pytest.warns(RuntimeWarning, match="'triton' was asked for but cannot run here"):
+    with pytest.warns(RuntimeWarning, match="'cuda' was asked for but cannot run here"):
         assert train.main(args) == 0
     table = (run / "backends.md").read_text()
     for op in ("| dino_loss |", "| attention |", "| window_attention |", "| pcm |", "| conv_bn_act |"):
         assert op in table
-    assert "forced: triton" in table and table.splitlines()[0] in capsys.readouterr().err
+    assert "forced: cuda" in table and table.splitlines()[0] in capsys.readouterr().err
     rows = json.loads((run / "backends.json").read_text())["rows"]
     assert all(r["chosen"] in ("torch", "cpp") for r in rows)
 
