@@ -10,12 +10,15 @@
 #   bench_bn_act          python -m benchmarks.bench_bn_act --repeats 21               ~0.7 min
 #   bench_infer           python -m benchmarks.bench_infer --quick --no-compile        ~1 min
 #   bench_train           python -m benchmarks.bench_train --quick --steps 41          ~3.5 min
+#   bench_data            python -m benchmarks.bench_data                              ~3 min
+#                         (reads ../shared/data/cxr-sample and cxr-pool; skipped, and said so,
+#                         without them)
 #   bench_dino_reference  python -m benchmarks.bench_dino_reference --dino-repo $DINO_REPO   ~2 min
 #                         (needs a facebookresearch/dino checkout in $DINO_REPO; skipped, and said
 #                         so, without one)
 # Not covered: pretrain_cxr_sample (a 12-minute pretraining run) and ssl_quality (pretraining per
 # seed, hours): they are quality runs, not timings, and keep their committed files.
-# Estimated total on the 2-core development machine: ~8 minutes (the figures above come from the
+# Estimated total on the 2-core development machine: ~11 minutes (the figures above come from the
 # committed timings; the guard adds 5 s up front).
 #
 # Each benchmark measures the machine's load itself and refuses to write its --json when other
@@ -37,10 +40,11 @@ BENCHES=(
   "bench_bn_act|--repeats 21"
   "bench_infer|--quick --no-compile"
   "bench_train|--quick --steps 41"
+  "bench_data|"
   "bench_dino_reference|--dino-repo \${DINO_REPO}"
 )
 NOT_COVERED="pretrain_cxr_sample ssl_quality"
-ESTIMATE_MIN=8
+ESTIMATE_MIN=11
 
 if [ "${1:-}" = "--list" ]; then
   for entry in "${BENCHES[@]}"; do
@@ -79,6 +83,11 @@ for entry in "${BENCHES[@]}"; do
   if [ "$name" = bench_dino_reference ] && [ -z "${DINO_REPO:-}" ]; then
     echo "== $name: NOT re-measured: set DINO_REPO to a facebookresearch/dino checkout =="
     failed+=("$name (no DINO_REPO)")
+    continue
+  fi
+  if [ "$name" = bench_data ] && [ ! -d ../shared/data/cxr-sample ]; then
+    echo "== $name: NOT re-measured: ../shared/data/cxr-sample is missing =="
+    failed+=("$name (no shared data)")
     continue
   fi
   args=${args//\$\{DINO_REPO\}/${DINO_REPO:-}}
