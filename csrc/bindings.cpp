@@ -194,6 +194,17 @@ Tensors bn_act_backward_cpu(const at::Tensor& grad, const at::Tensor& y, const a
 }
 
 #ifdef DINOCXR_WITH_CUDA
+// Each launch is checked with cudaGetLastError, which also returns an error some earlier,
+// unrelated call left behind: take that one off first (and say so), so the check after the
+// launch reports the launch's own failure only. A sticky error still fails the launch itself.
+void clear_pending_cuda_error(const char* op) {
+  const cudaError_t pending = cudaGetLastError();
+  if (pending != cudaSuccess) {
+    TORCH_WARN(op, ": a CUDA error from an earlier call was pending before this launch and was cleared: ",
+               cudaGetErrorString(pending));
+  }
+}
+
 Tensors dino_loss_cuda(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& center_in,
                        double student_temp, double teacher_temp, int64_t n_global, bool need_grad, bool need_sum) {
   TORCH_CHECK_VALUE(student.is_cuda(), "dino_loss_cuda needs CUDA tensors");
@@ -213,6 +224,7 @@ Tensors dino_loss_cuda(const at::Tensor& student, const at::Tensor& teacher, con
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   float* tsum_ptr = need_sum ? tsum.data_ptr<float>() : nullptr;
   cudaError_t err;
+  clear_pending_cuda_error("dino_loss_cuda");
   if (dtype == at::kFloat) {
     err = dinocxr::cuda::dino_loss_forward_f32(p, student.data_ptr<float>(), teacher.data_ptr<float>(),
                                                center.data_ptr<float>(), loss.data_ptr<float>(),
@@ -353,6 +365,7 @@ at::Tensor tap_conv_cuda(const at::Tensor& x, const at::Tensor& w, at::Tensor& o
   TORCH_CHECK_VALUE(plan.supported, "tap_conv_cuda: unsupported problem: ", plan.reason);
   at::Tensor partials = at::empty({plan.partial_rows, c.out_c, 2}, x.options().dtype(at::kFloat));
   epi.partials = plan.partial_rows > 0 ? reinterpret_cast<float2*>(partials.data_ptr<float>()) : nullptr;
+  clear_pending_cuda_error("tap_conv_cuda");
   const cudaError_t err = dc::tap_conv_forward(plan, c, dt, x.data_ptr(), w.data_ptr(), out.data_ptr(), pro, epi,
                                                c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "tap_conv_cuda: ", cudaGetErrorString(err));
@@ -402,6 +415,7 @@ std::tuple<at::Tensor, at::Tensor> wgrad_cuda(const at::Tensor& x, const at::Ten
   at::Tensor dw = at::empty({c.out_c, c.in_c / c.groups, 3, 3}, f32);
   at::Tensor db = at::empty({need_bias ? c.out_c : 0}, f32);
   at::Tensor workspace = at::empty({static_cast<int64_t>(plan.workspace_bytes)}, x.options().dtype(at::kByte));
+  clear_pending_cuda_error("wgrad_cuda");
   const cudaError_t err = dc::wgrad(plan, c, dt, x.data_ptr(), pro, dy.data_ptr(), dw.data_ptr<float>(),
                                     need_bias ? db.data_ptr<float>() : nullptr, workspace.data_ptr(),
                                     c10::cuda::getCurrentCUDAStream());
@@ -429,6 +443,7 @@ at::Tensor bn_forward_finalize_cuda(const at::Tensor& partials, int64_t count, c
   const float* g = channel_vec(gamma, "gamma", partials, channels);
   const float* b = channel_vec(beta, "beta", partials, channels);
   at::Tensor out = at::empty({6, channels}, partials.options());
+  clear_pending_cuda_error("bn_forward_finalize_cuda");
   const cudaError_t err = dc::bn_forward_finalize(
       reinterpret_cast<const float2*>(partials.data_ptr<float>()), partials.size(0), to_int(channels, "channels"),
       count, channel_vec(ref, "ref", partials, channels), g, b, static_cast<float>(eps), static_cast<float>(momentum),
@@ -448,6 +463,7 @@ at::Tensor bn_backward_finalize_cuda(const at::Tensor& partials, int64_t count, 
   check_partials(partials, channels);
   TORCH_CHECK_VALUE(count >= 1, "count must be positive");
   at::Tensor out = at::empty({5, channels}, partials.options());
+  clear_pending_cuda_error("bn_backward_finalize_cuda");
   const cudaError_t err = dc::bn_backward_finalize(
       reinterpret_cast<const float2*>(partials.data_ptr<float>()), partials.size(0), to_int(channels, "channels"),
       count, channel_vec(gamma, "gamma", partials, channels), channel_vec(mean, "mean", partials, channels),
@@ -464,6 +480,7 @@ at::Tensor affine_act_cuda(const at::Tensor& y, const OptTensor& scale, const Op
   check_cuda(y, "y", y);
   const int64_t channels = y.size(-1);
   at::Tensor out = at::empty_like(y);
+  clear_pending_cuda_error("affine_act_cuda");
   const cudaError_t err = dc::affine_act(dt, y.data_ptr(), out.data_ptr(), y.numel() / channels,
                                          to_int(channels, "channels"), channel_vec(scale, "scale", y, channels),
                                          channel_vec(shift, "shift", y, channels), to_act(act),
@@ -483,6 +500,7 @@ at::Tensor act_backward_stats_cuda(const at::Tensor& g, const at::Tensor& y, con
   const int64_t channels = y.size(-1), rows = y.numel() / channels;
   at::Tensor partials = at::empty({dc::act_backward_stats_rows(rows, to_int(channels, "channels")), channels, 2},
                                   y.options().dtype(at::kFloat));
+  clear_pending_cuda_error("act_backward_stats_cuda");
   const cudaError_t err = dc::act_backward_stats(
       dt, g.data_ptr(), y.data_ptr(), rows, static_cast<int>(channels), channel_vec(z_scale, "z_scale", y, channels),
       channel_vec(z_shift, "z_shift", y, channels), to_act(act), channel_vec(xh_scale, "xh_scale", y, channels),
@@ -502,6 +520,7 @@ at::Tensor bn_backward_apply_cuda(at::Tensor& g, const at::Tensor& y, const OptT
   check_data(g, "grad", y, y.numel());
   const int64_t channels = y.size(-1);
   at::Tensor dy = inplace ? g : at::empty_like(g);
+  clear_pending_cuda_error("bn_backward_apply_cuda");
   const cudaError_t err = dc::bn_backward_apply(
       dt, g.data_ptr(), y.data_ptr(), dy.data_ptr(), y.numel() / channels, to_int(channels, "channels"),
       channel_vec(z_scale, "z_scale", y, channels), channel_vec(z_shift, "z_shift", y, channels), to_act(act),
@@ -547,6 +566,7 @@ at::Tensor pcm_fused_cuda(const at::Tensor& x, const at::Tensor& w1, const at::T
   at::Tensor out = at::empty({c.batch, h1, w1o, c.c3}, x.options());
   const dc::PcmFusedPlan plan = dc::pcm_fused_plan(c, dt, x.data_ptr(), out.data_ptr());
   TORCH_CHECK_VALUE(plan.supported, "pcm_fused_cuda: unsupported problem: ", plan.reason);
+  clear_pending_cuda_error("pcm_fused_cuda");
   const cudaError_t err = dc::pcm_fused_inference(
       plan, c, dt, x.data_ptr(), w1.data_ptr(), w2.data_ptr(), w3.data_ptr(), channel_vec(s1, "s1", x, c.c1),
       channel_vec(t1, "t1", x, c.c1), channel_vec(s2, "s2", x, c.c2), channel_vec(t2, "t2", x, c.c2),

@@ -23,9 +23,11 @@ from dinocxr_fast.dino import build as dino_build
 from dinocxr_fast.dino.ema import ema_lerp, ema_pairs
 from dinocxr_fast.dino.knn import knn_accuracy
 from dinocxr_fast.dino.monitor import CollapseWatch, collapse_stats
+from dinocxr_fast.ops._checks import NonFiniteInputError
 from dinocxr_fast.runtime import checkpoint as ckpt
 from dinocxr_fast.runtime import data as data_setup
 from dinocxr_fast.runtime import distributed
+from dinocxr_fast.runtime.backends import plan_backends
 from dinocxr_fast.runtime.job import NonFiniteLossError, StopReason, TrainingJob  # noqa: F401 (re-exported)
 from dinocxr_fast.runtime.metrics import Progress
 
@@ -79,7 +81,7 @@ class PretrainJob(TrainingJob):
             int(cfg["model"]["out_dim"]), self.views.n_views, warmup_teacher_temp=float(d["warmup_teacher_temp"]),
             teacher_temp=float(d["teacher_temp"]), warmup_teacher_temp_epochs=int(d["warmup_teacher_temp_epochs"]),
             epochs=self.epochs, student_temp=float(d["student_temp"]), center_momentum=float(d["center_momentum"]),
-            n_global=self.n_global, backend=d["backend"],
+            n_global=self.n_global, backend="auto",  # dino.backend applies to every op: plan_backends below
             # on the CPU the check is free; on a GPU it would sync every step (the loop checks instead)
             check_finite=self.device.type == "cpu",
             centering=d["centering"], sinkhorn_iterations=int(d["sinkhorn_iterations"]),
@@ -99,6 +101,7 @@ class PretrainJob(TrainingJob):
         self._budget: dict | None = None
         self.knn_trace: list[tuple[int, float]] = []
         self.first_loss: tuple[int, float] | None = None
+        self.backend_plan = plan_backends(self, d["backend"])  # before compile, which bakes the choices in
         if t["compile"]:
             self.student_ddp = torch.compile(self.student_ddp)
             self.teacher_fwd = torch.compile(self.teacher)
@@ -207,7 +210,7 @@ class PretrainJob(TrainingJob):
         student_out, teacher_out = student_out.float(), teacher_out.float()
         try:
             loss = self.dino_loss(student_out, teacher_out, epoch)
-        except ValueError as exc:  # the CPU check names the non-finite argument
+        except NonFiniteInputError as exc:  # the CPU check names the non-finite argument; other errors are bugs
             raise self._non_finite(views, str(exc), student_out, teacher_out) from None
         if self.koleo_weight > 0:  # DINOv2: on the student's backbone features of each global view
             global_features = student_features[: self.n_global * views[0].shape[0]].chunk(self.n_global)

@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-steps", type=int, help="train.max_steps: stop after this many steps in all")
     parser.add_argument("--device", help="train.device: auto (GPU when present), cpu or cuda")
     parser.add_argument("--views", choices=("dino_cxr", "dino_multicrop"), help="data.views: the paper's fixed-size views or DINO's multi-crop")
-    parser.add_argument("--backend", help="dino.backend, the fused-op backend: auto, cpp, cuda, triton or torch")
+    parser.add_argument("--backend", help="backend of every fused op: auto (verified on this device), cpp, cuda, triton or torch")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. optim.lr=3e-4 (repeatable)")
     parser.add_argument("--quiet", action="store_true", help="no progress display")
     return parser

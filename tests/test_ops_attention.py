@@ -157,9 +157,11 @@ def test_bad_input_raises_value_error_naming_the_argument(call, match):
         call(qkv)
 
 
-def test_unimplemented_backend_is_a_clear_error():
-    with pytest.raises(RuntimeError, match="no 'cuda' backend"):
-        window_attention(torch.randn(1, 7, 7, 24), 2, 7, backend="cuda")
+def test_unimplemented_backend_falls_through_to_auto_with_a_warning():
+    qkv = torch.randn(1, 7, 7, 24)
+    with pytest.warns(RuntimeWarning, match="no 'cuda' backend"):
+        got = window_attention(qkv, 2, 7, backend="cuda")
+    torch.testing.assert_close(got, window_attention_reference(qkv, 2, 7))
 
 
 def test_backends_register_by_name_only():

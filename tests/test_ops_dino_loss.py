@@ -236,19 +236,30 @@ def test_unknown_and_unavailable_backends():
 
 
 def test_env_var_forces_backend(monkeypatch):
+    from dinocxr_fast.ops import _dispatch
+
     student, teacher, center = make_inputs(3, 8, 2)
     monkeypatch.setenv(_backend.ENV_VAR, "torch")
-    assert _backend.resolve("dino_loss", "auto", student.device, ops.dino_loss.__globals__["IMPLEMENTED"]) == "torch"
+    assert _dispatch.choose("dino_loss", "auto", student.device, ops.dino_loss.__globals__["IMPLEMENTED"]).backend == "torch"
     monkeypatch.setenv(_backend.ENV_VAR, "nonsense")
     with pytest.raises(ValueError, match="nonsense"):
         call(student, teacher, center)
 
 
-def test_auto_picks_cpp_on_cpu_when_built():
+def test_auto_takes_cpp_on_cpu_only_once_verified(tmp_path, monkeypatch):
+    from dinocxr_fast.ops import _dispatch
     from dinocxr_fast.ops.dino_loss import IMPLEMENTED
 
-    expected = "cpp" if _ext.has_cpp() else "torch"
-    assert _backend.resolve("dino_loss", "auto", torch.device("cpu"), IMPLEMENTED) == expected
+    monkeypatch.setenv("DINOCXR_CACHE_DIR", str(tmp_path))
+    _dispatch.reset()
+    case = {"batch": 4, "crops": 2, "n_global": 2, "k": 64, "dtype": "float32"}
+    cpu = torch.device("cpu")
+    assert _dispatch.choose("dino_loss", "auto", cpu, IMPLEMENTED, lambda: case).backend == "torch"
+    if _ext.has_cpp():
+        key = _dispatch.verdict_key("dino_loss", "cpp", case)
+        _dispatch._verdicts_for(cpu)[key] = {"backend": "cpp", "ok": True, "speedup": 2.0}
+        assert _dispatch.choose("dino_loss", "auto", cpu, IMPLEMENTED, lambda: case).backend == "cpp"
+    _dispatch.reset()
 
 
 def test_torch_compile_sees_one_op():

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from dinocxr_fast.ops.attention import attention, attention_probs, window_attention
-from dinocxr_fast.ops.conv_bn_act import conv_bn_act, pcm_modules
+from dinocxr_fast.ops.conv_bn_act import activate, conv_bn_act, pcm_modules
 
 
 class DropPath(nn.Module):
@@ -56,6 +56,11 @@ class ConvBNAct(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv, bn = self.conv, self.bn
+        if isinstance(bn, nn.SyncBatchNorm):
+            # Its forward synchronises the batch statistics across ranks; a fused kernel reading its
+            # parameters would normalise with this rank's statistics only. Unfused, channels last.
+            y = bn(conv(x.permute(0, 3, 1, 2)))
+            return activate(y, self.activation).permute(0, 2, 3, 1).contiguous()
         kwargs = {}
         if bn is not None:
             # The BatchNorm's own mode decides, so freezing it with bn.eval() works as usual.

@@ -6,6 +6,10 @@ from typing import Iterable
 import torch
 
 
+class NonFiniteInputError(ValueError):
+    """An input holds NaN or inf (a diverged run), as opposed to an argument that is wrong."""
+
+
 def check_tensor(
     name: str,
     t: object,

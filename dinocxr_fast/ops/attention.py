@@ -26,18 +26,17 @@ softmax); the ``torch`` backend runs the same partitioning around
 from __future__ import annotations
 
 import math
-import os
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from dinocxr_fast.ops import _backend, attention_triton
+from dinocxr_fast.ops import _dispatch, _verify, attention_triton
 from dinocxr_fast.ops._checks import check_same_device, check_tensor
 
-# Fastest first, per device type. Later backends (triton, cuda) only add their names here and a
-# function to _KERNELS below; the model does not change. "auto" never takes triton on the CPU
-# (that is the interpreter, for tests).
+# The backends per device type; ``auto`` takes a custom one only once it is verified and timed
+# faster than the vendor path (SDPA) on this device (ops/_dispatch.py), never the Triton
+# interpreter on the CPU (it exists for tests).
 IMPLEMENTED = {"cpu": ("torch", "triton"), "cuda": ("triton", "torch")}
 WINDOW_IMPLEMENTED = {"cpu": ("torch", "triton"), "cuda": ("triton", "torch")}
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -177,17 +176,30 @@ _KERNELS = {"torch": _torch_attention, "triton": _triton_attention}
 _WINDOW_KERNELS = {"torch": _torch_window_attention, "triton": _triton_window_attention}
 
 
-def _unless_triton_cannot(chosen, requested, qkv, num_heads, window_size, dropout_p):
-    """The Triton kernels cover fp16/bf16/fp32, head_dim <= 128, windows up to 11 x 11 and no
-    dropout: outside that, "auto" takes the torch backend and a request by name raises."""
-    if chosen != "triton":
-        return chosen
+def _unless_triton_cannot(op, choice, qkv, num_heads, window_size, dropout_p) -> _dispatch.Choice:
+    """The Triton kernels cover fp16/bf16/fp32, head_dim <= 128, windows up to 11 x 11, no
+    dropout and at most 65535 (batch x heads) programs per launch: outside that the vendor path
+    runs, or, for ``backend="triton"`` on the call, a ValueError says why."""
+    if choice.backend != "triton":
+        return choice
     reason = attention_triton.why_unsupported(qkv, num_heads, window_size, dropout_p)
-    if reason is None:
-        return chosen
-    if requested == "auto" and not os.environ.get(_backend.ENV_VAR):
-        return "torch"
-    raise ValueError(f"backend 'triton' cannot run this call: {reason}")
+    return _dispatch.unless_uncovered(op, choice, reason and ("backend 'triton' cannot run this call", reason))
+
+
+def _run(op, kernels, choice, args):
+    """``kernels[choice]`` on ``args``; a custom backend that raises is demoted, the vendor path reruns."""
+    if choice.backend != "torch":
+        try:
+            return kernels[choice.backend](*args)
+        except Exception as exc:
+            if not choice.may_demote:
+                raise
+            _dispatch.demote(op, choice.backend, exc)
+    return kernels["torch"](*args)
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,9 +239,12 @@ def attention(
     ``scale`` defaults to head_dim ** -0.5. ``dropout_p`` drops attention weights (training only).
     """
     device = _validate(qkv, num_heads, scale, dropout_p, grid=False)
-    chosen = _backend.resolve("attention", backend, device, IMPLEMENTED)
-    chosen = _unless_triton_cannot(chosen, backend, qkv, num_heads, None, dropout_p)
-    return _KERNELS[chosen](qkv, num_heads, _default_scale(qkv, num_heads, scale), float(dropout_p))
+    choice = _dispatch.choose("attention", backend, device, IMPLEMENTED, lambda: {
+        "batch": qkv.shape[0], "tokens": list(qkv.shape[1:-1]), "channels": qkv.shape[-1], "heads": num_heads,
+        "dropout": dropout_p > 0, "dtype": _dtype_name(qkv)})
+    choice = _unless_triton_cannot("attention", choice, qkv, num_heads, None, dropout_p)
+    return _run("attention", _KERNELS, choice,
+                (qkv, num_heads, _default_scale(qkv, num_heads, scale), float(dropout_p)))
 
 
 def window_attention(
@@ -255,8 +270,45 @@ def window_attention(
         check_same_device(qkv=qkv, pad_value=pad_value)
         if pad_value.shape[0] != qkv.shape[-1]:
             raise ValueError(f"pad_value must have shape [{qkv.shape[-1]}] (3C), got {tuple(pad_value.shape)}")
-    chosen = _backend.resolve("window_attention", backend, device, WINDOW_IMPLEMENTED)
-    chosen = _unless_triton_cannot(chosen, backend, qkv, num_heads, window_size, dropout_p)
-    return _WINDOW_KERNELS[chosen](
-        qkv, num_heads, window_size, _default_scale(qkv, num_heads, scale), pad_value, float(dropout_p)
-    )
+    choice = _dispatch.choose("window_attention", backend, device, WINDOW_IMPLEMENTED, lambda: {
+        "batch": qkv.shape[0], "grid": list(qkv.shape[1:3]), "channels": qkv.shape[-1], "heads": num_heads,
+        "window": window_size, "pad": pad_value is not None, "dropout": dropout_p > 0, "dtype": _dtype_name(qkv)})
+    choice = _unless_triton_cannot("window_attention", choice, qkv, num_heads, window_size, dropout_p)
+    return _run("window_attention", _WINDOW_KERNELS, choice,
+                (qkv, num_heads, window_size, _default_scale(qkv, num_heads, scale), pad_value, float(dropout_p)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Verification of the custom backends (ops/_verify.py)
+# ----------------------------------------------------------------------------------------------
+def _verify_inputs(case: dict, device: torch.device) -> dict:
+    gen = _verify.seeded(case)
+    dtype = getattr(torch, case["dtype"])
+    shape = (case["batch"], *case.get("grid", case.get("tokens", ())), case["channels"])
+    x = {"qkv": _verify.randn(gen, shape, device, dtype), "heads": case["heads"], "window": case.get("window")}
+    if case.get("pad"):
+        x["pad_value"] = _verify.randn(gen, (case["channels"],), device, dtype, scale=0.5, grad=False)
+    return x
+
+
+def _verify_run(backend: str, x: dict) -> list:
+    qkv, heads, window, pad = x["qkv"], x["heads"], x["window"], x.get("pad_value")
+    reference = backend == _verify.REFERENCE
+
+    def fn():
+        if window is None:
+            return attention_reference(qkv, heads) if reference else attention(qkv, heads, backend=backend)
+        if reference:
+            return window_attention_reference(qkv, heads, window, pad_value=pad)
+        return window_attention(qkv, heads, window, pad_value=pad, backend=backend)
+    return _verify.forward_backward(fn, x)
+
+
+VERIFY = _verify.OpSpec(
+    "attention", IMPLEMENTED, _verify_inputs, _verify_run,
+    lambda c: f"{c['batch']}x{'x'.join(map(str, c['tokens']))}x{c['channels']} h{c['heads']}")
+WINDOW_VERIFY = _verify.OpSpec(
+    "window_attention", WINDOW_IMPLEMENTED, _verify_inputs, _verify_run,
+    lambda c: f"{c['batch']}x{c['grid'][0]}x{c['grid'][1]}x{c['channels']} h{c['heads']} w{c['window']}")
+_verify.register("attention", f"{__name__}:VERIFY")
+_verify.register("window_attention", f"{__name__}:WINDOW_VERIFY")

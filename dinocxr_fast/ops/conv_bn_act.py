@@ -44,20 +44,21 @@ import torch
 import torch.nn.functional as F
 
 from dinocxr_fast import _ext
-from dinocxr_fast.ops import _backend
+from dinocxr_fast.ops import _dispatch as rule
+from dinocxr_fast.ops import _verify
 from dinocxr_fast.ops._checks import check_same_device, check_tensor
 from dinocxr_fast.ops.bn_act import bn_act_cpu
 
-# Fastest first, per device type; kernels add their names here and a function to _KERNELS.
-# cpu: "cpp" first: benchmarks/bench_bn_act.py measures it ahead of the reference on the ViTAEv2
-# PCM shapes at batch 64 (BatchNorm + SiLU 1.2-1.6x, conv + BatchNorm + SiLU 1.0-1.3x, 2-core EPYC).
+# The backends per device type; kernels add their names here and a function to _KERNELS.
+# ``auto`` takes a custom one only once it is verified and timed faster than the vendor path
+# (cuDNN / oneDNN) on this device at the call's shape (ops/_dispatch.py).
 IMPLEMENTED = {"cpu": ("cpp", "torch"), "cuda": ("cuda", "torch")}
 PCM_IMPLEMENTED = {"cpu": ("cpp", "torch"), "cuda": ("cuda", "torch")}
 ACTIVATIONS = (None, "silu", "gelu", "relu")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def _activate(x: torch.Tensor, activation: str | None) -> torch.Tensor:
+def activate(x: torch.Tensor, activation: str | None) -> torch.Tensor:
     if activation == "silu":
         return F.silu(x)
     if activation == "gelu":
@@ -80,7 +81,7 @@ def conv_bn_act_reference(
     if bn_weight is not None:
         y = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
     # Back to B x H' x W' x C: free when the convolution kept channels-last (it does for C > 1).
-    return _activate(y, activation).permute(0, 2, 3, 1).contiguous()
+    return activate(y, activation).permute(0, 2, 3, 1).contiguous()
 
 
 _KERNELS = {"torch": conv_bn_act_reference}
@@ -157,18 +158,36 @@ def conv_bn_act(
                      backend, device)
 
 
+def _dtype_name(x: torch.Tensor) -> str:
+    return str(_compute_dtype(x)).removeprefix("torch.")
+
+
+def _conv_case(x, weight, bias, stride, padding, dilation, groups, bn, training, activation) -> dict:
+    return {"batch": x.shape[0], "in": list(x.shape[1:]), "weight": list(weight.shape), "bias": bias is not None,
+            "stride": list(_pair(stride)), "padding": list(_pair(padding)), "dilation": list(_pair(dilation)),
+            "groups": groups, "bn": bn["bn_weight"] is not None, "training": bool(training),
+            "activation": activation, "dtype": _dtype_name(x)}
+
+
 def _dispatch(x, weight, bias, stride, padding, dilation, groups, bn, eps, momentum, training, activation, backend,
               device):
     """conv_bn_act after validation: pick the backend (with its fallbacks) and run it."""
-    chosen = _backend.resolve("conv_bn_act", backend, device, IMPLEMENTED)
-    if chosen == "cuda":
-        chosen = _cuda_or_fallback(backend, x, weight, stride, padding, dilation, groups, bn, training)
-    elif chosen == "cpp":
-        chosen = _cpp_or_fallback(backend, x, weight, bias, bn)
-    return _KERNELS[chosen](
-        x, weight, bias, stride=stride, padding=padding, dilation=dilation, groups=groups, **bn,
-        eps=eps, momentum=momentum, training=training, activation=activation,
-    )
+    choice = rule.choose("conv_bn_act", backend, device, IMPLEMENTED, lambda: _conv_case(
+        x, weight, bias, stride, padding, dilation, groups, bn, training, activation))
+    if choice.backend == "cuda":
+        choice = _cuda_or_fallback(choice, x, weight, stride, padding, dilation, groups, bn, training)
+    elif choice.backend == "cpp":
+        choice = _cpp_or_fallback(choice, x, weight, bias, bn)
+    kwargs = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, **bn, eps=eps, momentum=momentum,
+                  training=training, activation=activation)
+    if choice.backend != "torch":
+        try:
+            return _KERNELS[choice.backend](x, weight, bias, **kwargs)
+        except Exception as exc:
+            if not choice.may_demote:
+                raise
+            rule.demote("conv_bn_act", choice.backend, exc)
+    return conv_bn_act_reference(x, weight, bias, **kwargs)
 
 
 # ==============================================================================================
@@ -232,18 +251,26 @@ def pcm(
             probes.append(x.new_empty(1).expand(*_chain_shape(x, weights, strides, i)))
         device = _validate(probes[i], weights[i], biases[i], strides[i], 1, 1, groups, specs[i],
                            "silu" if i < 2 else None)
-    chosen = _backend.resolve("pcm", backend, device, PCM_IMPLEMENTED)
-    if chosen == "cuda":
+    choice = rule.choose("pcm", backend, device, PCM_IMPLEMENTED, lambda: {
+        "batch": x.shape[0], "in": list(x.shape[1:]), "widths": [w.shape[0] for w in weights],
+        "bias": [b is not None for b in biases], "strides": [_pair(s)[0] for s in strides], "groups": groups,
+        "training": [t1, t2], "dtype": _dtype_name(x)})
+    if choice.backend == "cuda":
         for i, flag in enumerate((t1, t2, False)):
-            if _cuda_or_fallback(backend, probes[i], weights[i], strides[i], 1, 1, groups, specs[i], flag) != "cuda":
-                chosen = "torch"
-                break
-    if chosen == "torch":
-        return pcm_reference(x, weights, biases, bn1, bn2, strides=strides, groups=groups, training=(t1, t2))
-    if chosen == "cpp":  # the CPU has no whole-chain kernel: three conv_bn_act calls, BN+SiLU fused in each
-        return _pcm_chain(x, weights, biases, bns, strides, groups, (t1, t2), backend)
-    return _pcm_cuda(x, weights, biases, bns, [int(s if isinstance(s, int) else s[0]) for s in strides], groups,
-                     (t1, t2))
+            choice = _cuda_or_fallback(choice, probes[i], weights[i], strides[i], 1, 1, groups, specs[i], flag)
+    elif choice.backend == "cpp":
+        choice = _cpp_or_fallback(choice, x, weights[0], biases[0], specs[0])
+    if choice.backend != "torch":
+        try:
+            if choice.backend == "cpp":  # the CPU has no whole-chain kernel: three conv_bn_act calls, BN+SiLU fused
+                return _pcm_chain(x, weights, biases, bns, strides, groups, (t1, t2), "cpp")
+            return _pcm_cuda(x, weights, biases, bns, [int(s if isinstance(s, int) else s[0]) for s in strides],
+                             groups, (t1, t2))
+        except Exception as exc:
+            if not choice.may_demote:
+                raise
+            rule.demote("pcm", choice.backend, exc)
+    return pcm_reference(x, weights, biases, bn1, bn2, strides=strides, groups=groups, training=(t1, t2))
 
 
 def pcm_modules(x: torch.Tensor, conv1, conv2, conv3, backend: str = "auto") -> torch.Tensor:
@@ -251,7 +278,7 @@ def pcm_modules(x: torch.Tensor, conv1, conv2, conv3, backend: str = "auto") -> 
 
     Handles the BatchNorms exactly as ``ConvBNAct.forward`` does (their own train/eval mode,
     ``num_batches_tracked``, ``momentum=None``). When the modules are not a PCM (activations,
-    BatchNorms, kernel sizes, groups), it simply calls them.
+    BatchNorms, kernel sizes, groups), or a BatchNorm is a SyncBatchNorm, it simply calls them.
     """
     mods = (conv1, conv2, conv3)
     acts = tuple(getattr(m, "activation", "?") for m in mods)
@@ -261,6 +288,8 @@ def pcm_modules(x: torch.Tensor, conv1, conv2, conv3, backend: str = "auto") -> 
         and all(c is not None and c.kernel_size == (3, 3) and c.padding == (1, 1) and c.dilation == (1, 1) for c in convs)
         and len({c.groups for c in convs}) == 1
         and conv1.bn is not None and conv2.bn is not None and conv3.bn is None
+        # A SyncBatchNorm's statistics are synchronised in its forward, which the fused op never calls.
+        and not isinstance(conv1.bn, torch.nn.SyncBatchNorm) and not isinstance(conv2.bn, torch.nn.SyncBatchNorm)
     )
     if not is_pcm:
         return conv3(conv2(conv1(x)))
@@ -494,29 +523,13 @@ def _cuda_unsupported(x, weight, stride, padding, dilation, groups, bn, training
     return None if reason is None else ("weight", f"the cuda kernels do not cover this convolution: {reason}")
 
 
-# Which convolutions ``auto`` gives to the cuda kernels. Grouped ones (4 or 16 channels per group,
-# ViTAEv2 stages 2-4, where cuDNN is weak) and thin ones (the one-channel stem) run here. Dense
-# convolutions with 32+ input channels (stage 1) stay with cuDNN: its Hopper kernels use wgmma,
-# ours mma.sync, and that decides the dense case; flip this once benchmarks/bench_pcm.py on the
-# target GPU shows the fused path ahead (``backend="cuda"`` runs the kernels regardless).
-AUTO_DENSE_CUDA = False
-
-
-def _cuda_preferred(x, weight, groups) -> bool:
-    return groups > 1 or weight.shape[1] < 32 or AUTO_DENSE_CUDA
-
-
-def _cuda_or_fallback(backend, x, weight, stride, padding, dilation, groups, bn, training) -> str:
-    problem = _cuda_unsupported(x, weight, stride, padding, dilation, groups, bn, training)
-    explicit = backend == "cuda"
-    if problem is not None:
-        if explicit:
-            name, why = problem
-            raise ValueError(f"{name}: {why}")
-        return "torch"
-    if not explicit and not _cuda_preferred(x, weight, groups):
-        return "torch"
-    return "cuda"
+def _cuda_or_fallback(choice, x, weight, stride, padding, dilation, groups, bn, training) -> rule.Choice:
+    """``choice`` when the kernels cover the call; else a ValueError naming the argument for
+    ``backend="cuda"`` on the call, the vendor path otherwise."""
+    if choice.backend != "cuda":
+        return choice
+    return rule.unless_uncovered("conv_bn_act", choice,
+                                 _cuda_unsupported(x, weight, stride, padding, dilation, groups, bn, training))
 
 
 # ---- one conv -----------------------------------------------------------------------------------
@@ -891,14 +904,8 @@ def _cpp_unsupported(x, weight, bias, bn) -> tuple[str, str] | None:
     return None
 
 
-def _cpp_or_fallback(backend, x, weight, bias, bn) -> str:
-    problem = _cpp_unsupported(x, weight, bias, bn)
-    if problem is None:
-        return "cpp"
-    if backend == "cpp":
-        name, why = problem
-        raise ValueError(f"{name}: {why}")
-    return "torch"
+def _cpp_or_fallback(choice, x, weight, bias, bn) -> rule.Choice:
+    return rule.unless_uncovered("conv_bn_act", choice, _cpp_unsupported(x, weight, bias, bn))
 
 
 def _conv_bn_act_cpp(
@@ -915,7 +922,7 @@ def _conv_bn_act_cpp(
     if y.numel() == 0 or (training and b * h * w <= 1):
         # Empty, or one value per channel in training: F.batch_norm's behaviour (and error) as it is.
         y = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
-        return _activate(y, activation).permute(0, 2, 3, 1).contiguous()
+        return activate(y, activation).permute(0, 2, 3, 1).contiguous()
     # B x H' x W' x C: a view when the convolution kept channels-last (it does for C > 1).
     y2d = y.permute(0, 2, 3, 1).contiguous().view(b * h * w, c)
     out = bn_act_cpu(y2d, bn_weight, bn_bias, running_mean, running_var, eps, momentum, training, activation)
@@ -923,3 +930,87 @@ def _conv_bn_act_cpp(
 
 
 _KERNELS["cpp"] = _conv_bn_act_cpp
+
+
+# ==============================================================================================
+# Verification of the custom backends (ops/_verify.py)
+# ==============================================================================================
+def _bn_inputs(gen, c, device, dtype, suffix=""):
+    return {f"bn_weight{suffix}": _verify.randn(gen, (c,), device, dtype, scale=0.1) + 1.0,
+            f"bn_bias{suffix}": _verify.randn(gen, (c,), device, dtype, scale=0.1),
+            f"running_mean{suffix}": _verify.randn(gen, (c,), device, dtype, scale=0.1, grad=False),
+            f"running_var{suffix}": _verify.randn(gen, (c,), device, dtype, scale=0.1, grad=False).abs() + 1.0}
+
+
+def _leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().requires_grad_(t.requires_grad)
+
+
+def _conv_verify_inputs(case: dict, device: torch.device) -> dict:
+    gen = _verify.seeded(case)
+    dtype = getattr(torch, case["dtype"])
+    w = case["weight"]
+    fan_in = w[1] * w[2] * w[3]
+    x = {"case": case, "x": _verify.randn(gen, (case["batch"], *case["in"]), device, dtype),
+         "weight": _verify.randn(gen, w, device, dtype, scale=fan_in ** -0.5),
+         "bias": _verify.randn(gen, (w[0],), device, dtype, scale=0.1) if case["bias"] else None}
+    if case["bn"]:
+        x.update(_bn_inputs(gen, w[0], device, dtype))
+    return {k: _leaf(v) if isinstance(v, torch.Tensor) else v for k, v in x.items()}
+
+
+def _conv_verify_run(backend: str, x: dict) -> list:
+    c = x["case"]
+    kw = dict(stride=tuple(c["stride"]), padding=tuple(c["padding"]), dilation=tuple(c["dilation"]),
+              groups=c["groups"], training=c["training"], activation=c["activation"],
+              **{k: x.get(k) for k in ("bn_weight", "bn_bias", "running_mean", "running_var")})
+    if backend == _verify.REFERENCE:
+        return _verify.forward_backward(lambda: conv_bn_act_reference(x["x"], x["weight"], x["bias"], **kw), x)
+    return _verify.forward_backward(lambda: conv_bn_act(x["x"], x["weight"], x["bias"], backend=backend, **kw), x)
+
+
+def _pcm_verify_inputs(case: dict, device: torch.device) -> dict:
+    gen = _verify.seeded(case)
+    dtype = getattr(torch, case["dtype"])
+    g = case["groups"]
+    x = {"case": case, "x": _verify.randn(gen, (case["batch"], *case["in"]), device, dtype)}
+    c_in = case["in"][2]
+    for i, (c_out, has_bias) in enumerate(zip(case["widths"], case["bias"])):
+        fan_in = c_in // g * 9
+        x[f"w{i}"] = _verify.randn(gen, (c_out, c_in // g, 3, 3), device, dtype, scale=fan_in ** -0.5)
+        x[f"b{i}"] = _verify.randn(gen, (c_out,), device, dtype, scale=0.1) if has_bias else None
+        if i < 2:
+            x.update(_bn_inputs(gen, c_out, device, dtype, suffix=str(i)))
+        c_in = c_out
+    return {k: _leaf(v) if isinstance(v, torch.Tensor) else v for k, v in x.items()}
+
+
+def _pcm_verify_run(backend: str, x: dict) -> list:
+    c = x["case"]
+    ws, bs = [x[f"w{i}"] for i in range(3)], [x[f"b{i}"] for i in range(3)]
+    bns = [(x[f"bn_weight{i}"], x[f"bn_bias{i}"], x[f"running_mean{i}"], x[f"running_var{i}"], 1e-5, 0.1)
+           for i in range(2)]
+    kw = dict(strides=c["strides"], groups=c["groups"], training=tuple(c["training"]))
+    if backend == _verify.REFERENCE:
+        return _verify.forward_backward(lambda: pcm_reference(x["x"], ws, bs, *bns, **kw), x)
+    return _verify.forward_backward(lambda: pcm(x["x"], ws, bs, *bns, backend=backend, **kw), x)
+
+
+def _describe_conv(c: dict) -> str:
+    w = c["weight"]
+    what = "+bn" if c["bn"] else ""
+    what += f"+{c['activation']}" if c["activation"] else ""
+    return (f"{c['batch']}x{'x'.join(map(str, c['in']))} {w[2]}x{w[3]}->{w[0]} g{c['groups']} s{c['stride'][0]}"
+            f"{' d' + str(c['dilation'][0]) if c['dilation'][0] > 1 else ''}{what}{' train' if c['training'] else ''}")
+
+
+def _describe_pcm(c: dict) -> str:
+    return (f"{c['batch']}x{'x'.join(map(str, c['in']))} ->{'->'.join(map(str, c['widths']))} g{c['groups']} "
+            f"s{''.join(map(str, c['strides']))}{' train' if any(c['training']) else ''}")
+
+
+VERIFY = _verify.OpSpec("conv_bn_act", IMPLEMENTED, _conv_verify_inputs, _conv_verify_run, _describe_conv,
+                        is_vendor=lambda backend, case: backend == "cpp" and not case["bn"])  # cpp: BN is all it fuses
+PCM_VERIFY = _verify.OpSpec("pcm", PCM_IMPLEMENTED, _pcm_verify_inputs, _pcm_verify_run, _describe_pcm)
+_verify.register("conv_bn_act", f"{__name__}:VERIFY")
+_verify.register("pcm", f"{__name__}:PCM_VERIFY")

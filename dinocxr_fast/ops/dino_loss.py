@@ -23,11 +23,19 @@ import torch
 import torch.nn.functional as F
 
 from dinocxr_fast import _ext
-from dinocxr_fast.ops import _backend
-from dinocxr_fast.ops._checks import check_positive, check_same_device, check_tensor, first_non_finite
+from dinocxr_fast.ops import _dispatch, _verify
+from dinocxr_fast.ops._checks import (
+    NonFiniteInputError,
+    check_positive,
+    check_same_device,
+    check_tensor,
+    first_non_finite,
+)
 
-# Fastest first, per device type.
+# The backends per device type; ``auto`` takes a custom one only once it is verified and timed
+# faster than the vendor path on this device (ops/_dispatch.py).
 IMPLEMENTED = {"cpu": ("cpp", "torch", "triton"), "cuda": ("cuda", "triton", "torch")}
+_CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # kernels/cuda/dino_loss.cu
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -173,27 +181,50 @@ def _validate(student_out, teacher_out, center, student_temp, teacher_temp, n_gl
     return device
 
 
+def _case(student_out, teacher_out, n_global) -> dict:
+    batch = teacher_out.shape[0] // n_global
+    return {"batch": batch, "crops": student_out.shape[0] // batch, "n_global": n_global,
+            "k": student_out.shape[1], "dtype": str(student_out.dtype).removeprefix("torch.")}
+
+
+def _choose(backend, device, student_out, teacher_out, n_global) -> _dispatch.Choice:
+    choice = _dispatch.choose("dino_loss", backend, device, IMPLEMENTED,
+                              lambda: _case(student_out, teacher_out, n_global))
+    if choice.backend == "cuda" and student_out.dtype not in _CUDA_DTYPES:
+        why = f"the cuda kernel computes float32, bfloat16 and float16, got {student_out.dtype}"
+        choice = _dispatch.unless_uncovered("dino_loss", choice, ("student_out", why))
+    return choice
+
+
 def _run(student_out, teacher_out, center, student_temp, teacher_temp, n_global, backend, need_sum, check_finite):
     device = _validate(student_out, teacher_out, center, student_temp, teacher_temp, n_global)
-    chosen = _backend.resolve("dino_loss", backend, device, IMPLEMENTED)
-    if chosen == "torch" and check_finite:  # the reference has no pass of its own to notice
+    choice = _choose(backend, device, student_out, teacher_out, n_global)
+    if choice.backend != "torch":
+        need_grad = torch.is_grad_enabled() and student_out.requires_grad
+        try:
+            loss, _, tsum = _dino_loss_op(
+                student_out, teacher_out, center, float(student_temp), float(teacher_temp), n_global, choice.backend,
+                need_grad, need_sum,
+            )
+        except Exception as exc:
+            if not choice.may_demote:
+                raise
+            _dispatch.demote("dino_loss", choice.backend, exc)
+        else:
+            if check_finite and not bool(torch.isfinite(loss)):
+                bad = first_non_finite(student_out=student_out, teacher_out=teacher_out, center=center)
+                raise NonFiniteInputError(
+                    f"{bad or 'an input'} holds non-finite values (NaN or inf): the loss is {loss.item()}")
+            return loss, tsum
+    if check_finite:  # the reference has no pass of its own to notice
         bad = first_non_finite(student_out=student_out, teacher_out=teacher_out, center=center)
         if bad:
-            raise ValueError(f"{bad} holds non-finite values (NaN or inf)")
-    if chosen == "torch":
-        # The reference itself, differentiated by autograd.
-        loss = dino_loss_reference(student_out, teacher_out, center, student_temp, teacher_temp, n_global)
-        if loss.dtype != torch.float64:
-            loss = loss.float()
-        tsum = teacher_out.detach().float().sum(0) if need_sum else None
-        return loss, tsum
-    need_grad = torch.is_grad_enabled() and student_out.requires_grad
-    loss, _, tsum = _dino_loss_op(
-        student_out, teacher_out, center, float(student_temp), float(teacher_temp), n_global, chosen, need_grad, need_sum
-    )
-    if check_finite and chosen != "torch" and not bool(torch.isfinite(loss)):
-        bad = first_non_finite(student_out=student_out, teacher_out=teacher_out, center=center)
-        raise ValueError(f"{bad or 'an input'} holds non-finite values (NaN or inf): the loss is {loss.item()}")
+            raise NonFiniteInputError(f"{bad} holds non-finite values (NaN or inf)")
+    # The reference itself, differentiated by autograd.
+    loss = dino_loss_reference(student_out, teacher_out, center, student_temp, teacher_temp, n_global)
+    if loss.dtype != torch.float64:
+        loss = loss.float()
+    tsum = teacher_out.detach().float().sum(0) if need_sum else None
     return loss, tsum
 
 
@@ -231,3 +262,42 @@ def dino_loss_and_teacher_sum(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``dino_loss`` plus the fp32 column sums of ``teacher_out`` (for ``update_center``)."""
     return _run(student_out, teacher_out, center, student_temp, teacher_temp, n_global, backend, True, check_finite)
+
+
+# ----------------------------------------------------------------------------------------------
+# Verification of the custom backends (ops/_verify.py)
+# ----------------------------------------------------------------------------------------------
+_STUDENT_TEMP, _TEACHER_TEMP = 0.1, 0.04
+
+
+def _verify_inputs(case: dict, device: torch.device) -> dict:
+    gen = _verify.seeded(case)
+    dtype = getattr(torch, case["dtype"])
+    b, k = case["batch"], case["k"]
+    return {
+        "student": _verify.randn(gen, (case["crops"] * b, k), device, dtype, scale=3.0),
+        "teacher": _verify.randn(gen, (case["n_global"] * b, k), device, dtype, scale=3.0, grad=False),
+        "center": _verify.randn(gen, (k,), device, torch.float32, scale=0.1, grad=False),
+        "n_global": case["n_global"],
+    }
+
+
+def _verify_run(backend: str, x: dict) -> list:
+    args = (x["student"], x["teacher"], x["center"])
+    if backend == _verify.REFERENCE:
+        def fn():
+            loss = dino_loss_reference(*args, _STUDENT_TEMP, _TEACHER_TEMP, x["n_global"])
+            return loss, x["teacher"].sum(0)
+    else:
+        def fn():
+            return dino_loss_and_teacher_sum(*args, student_temp=_STUDENT_TEMP, teacher_temp=_TEACHER_TEMP,
+                                             n_global=x["n_global"], backend=backend, check_finite=False)
+    return _verify.forward_backward(fn, x)
+
+
+def _describe(case: dict) -> str:
+    return f"{case['crops']}x{case['batch']} x K={case['k']}"
+
+
+VERIFY = _verify.OpSpec("dino_loss", IMPLEMENTED, _verify_inputs, _verify_run, _describe)
+_verify.register("dino_loss", f"{__name__}:VERIFY")

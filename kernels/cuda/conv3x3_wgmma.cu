@@ -12,7 +12,7 @@
 // barrier. The epilogue is tc_common.cuh's, shared with the mma.sync kernel.
 //
 // Off by default (conv_use_wgmma in the bindings turns it on): it has not run on a GPU yet, and
-// the dispatcher only takes it when a probe kernel confirms the binary holds sm_90a code.
+// the dispatcher only takes it when a probe kernel's attributes confirm the binary holds sm_90a code.
 #include "conv_common.cuh"
 #include "conv_internal.cuh"
 #include "tc_common.cuh"
@@ -335,13 +335,11 @@ __global__ void __launch_bounds__(kTcThreads, 1)
 #endif
 }
 
-__global__ void wgmma_probe(int* flag) {
-#if DINOCXR_WGMMA
-  *flag = 1;
-#else
-  *flag = 0;
-#endif
-}
+// Never launched: its launch bound records, per compiled variant, whether that variant holds the
+// wgmma code (sm_90a: 128 threads, anything else: 64), and cudaFuncGetAttributes reads it from the
+// variant the driver picked for the device.
+constexpr int kProbeThreadsWgmma = 128;
+__global__ void __launch_bounds__(DINOCXR_WGMMA ? kProbeThreadsWgmma : 64) wgmma_probe() {}
 
 std::atomic<bool> g_use_wgmma{false};
 
@@ -362,7 +360,8 @@ void set_use_wgmma(bool use) { g_use_wgmma.store(use); }
 
 bool wgmma_compiled() {
   // Per device: does this binary hold sm_90a code for it? (A compute_80 PTX JIT-compiled on an
-  // H100 would run, without wgmma.) Asked once, with a tiny kernel.
+  // H100 would run, without wgmma.) Asked once, of the binary's attributes: no allocation, launch
+  // or synchronisation, so it is safe inside a CUDA graph capture.
   static std::atomic<int> cache[64];  // 0 unknown, 1 no, 2 yes
   int device = 0, major = 0;
   if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return false;
@@ -372,16 +371,11 @@ bool wgmma_compiled() {
     cache[device].store(1);
     return false;
   }
-  int* flag = nullptr;
-  int host = 0;
-  bool ok = cudaMalloc(&flag, sizeof(int)) == cudaSuccess;
-  if (ok) {
-    wgmma_probe<<<1, 1>>>(flag);
-    ok = cudaGetLastError() == cudaSuccess && cudaMemcpy(&host, flag, sizeof(int), cudaMemcpyDeviceToHost) == cudaSuccess;
-    cudaFree(flag);
-  }
-  cache[device].store(ok && host == 1 ? 2 : 1);
-  return ok && host == 1;
+  cudaFuncAttributes attr{};
+  const bool ok = cudaFuncGetAttributes(&attr, wgmma_probe) == cudaSuccess &&
+                  attr.maxThreadsPerBlock == kProbeThreadsWgmma;
+  cache[device].store(ok ? 2 : 1);
+  return ok;
 }
 
 namespace internal {

@@ -225,6 +225,9 @@ def _attn_bwd_dq_kernel(
 
 
 # ---- launch helpers --------------------------------------------------------------------------------
+MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y
+
+
 def supports(qkv: torch.Tensor, num_heads: int) -> str | None:
     """None when these kernels handle the problem, else why not."""
     if qkv.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -232,6 +235,9 @@ def supports(qkv: torch.Tensor, num_heads: int) -> str | None:
     head_dim = qkv.shape[-1] // (3 * num_heads)
     if head_dim > MAX_HEAD_DIM:
         return f"qkv: head_dim {head_dim} (3C / 3 / num_heads) is over the Triton kernels' limit of {MAX_HEAD_DIM}"
+    if qkv.shape[0] * num_heads > MAX_GRID_Y:  # the launch grid's second axis is batch x heads
+        return (f"qkv: batch x heads = {qkv.shape[0]} x {num_heads} is over the {MAX_GRID_Y} programs a launch "
+                f"grid's second axis holds")
     return None
 
 

@@ -170,12 +170,20 @@ def test_what_the_kernels_do_not_cover_is_a_value_error(call, match):
         call(torch.zeros(1, 7, 7, 3 * 16))
 
 
-def test_auto_takes_triton_on_cuda_only():
-    from dinocxr_fast.ops import _backend
+def test_auto_never_takes_the_interpreter_on_the_cpu():
+    from dinocxr_fast.ops import _dispatch
 
     for table in (attn_mod.IMPLEMENTED, attn_mod.WINDOW_IMPLEMENTED):
-        assert _backend.resolve("attention", "auto", torch.device("cpu"), table) == "torch"
-        assert table["cuda"][0] == "triton"
+        assert _dispatch.candidates("attention", torch.device("cpu"), table) == []
+        assert "triton" in table["cuda"]
+
+
+def test_full_attention_grid_over_65535_programs_is_not_launched():
+    from dinocxr_fast.kernels.triton import attention as full_kernels
+
+    qkv = torch.zeros(1, 1, 48).expand(40000, 1, 48)  # batch x heads = 80000 programs on the grid's y axis
+    assert "65535" in full_kernels.supports(qkv, 2)
+    assert full_kernels.supports(qkv[:30000], 2) is None
 
 
 def test_config_pruning(monkeypatch):
@@ -291,7 +299,7 @@ def test_gpu_window_padding_gradient_is_deterministic():
 
 @pytest.mark.cuda
 def test_gpu_model_with_triton_attention_matches_torch_attention(monkeypatch):
-    """ViTAEv2-S, bf16 autocast, forward and backward: "auto" (Triton attention) against the same
+    """ViTAEv2-S, bf16 autocast, forward and backward: Triton attention (forced) against the same
     model with the torch attention backend."""
     from dinocxr_fast.models import create_model
 
@@ -307,9 +315,9 @@ def test_gpu_model_with_triton_attention_matches_torch_attention(monkeypatch):
         grads = [p.grad.float().clone() for p in model.parameters() if p.grad is not None]
         return out.float().detach(), grads
 
+    monkeypatch.setenv("DINOCXR_BACKEND", "triton")  # the attention ops; the others fall through to auto
     out_triton, grads_triton = run()
-    monkeypatch.setitem(attn_mod.IMPLEMENTED, "cuda", ("torch",))
-    monkeypatch.setitem(attn_mod.WINDOW_IMPLEMENTED, "cuda", ("torch",))
+    monkeypatch.setenv("DINOCXR_BACKEND", "torch")
     out_torch, grads_torch = run()
     torch.testing.assert_close(out_triton, out_torch, rtol=5e-2, atol=5e-2 * out_torch.abs().max().item())
     num = sum((a - b).norm() ** 2 for a, b in zip(grads_triton, grads_torch)) ** 0.5

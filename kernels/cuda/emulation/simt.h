@@ -130,6 +130,16 @@ template <typename F>
 inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int value) {
   return value <= emu::smem_optin ? cudaSuccess : cudaErrorInvalidValue;
 }
+struct cudaFuncAttributes {
+  int maxThreadsPerBlock;
+};
+// Launch bounds are erased here, and the emulated binary is sm_90a code (DINOCXR_WGMMA is on):
+// report the bound conv3x3_wgmma.cu's probe kernel carries in such a variant.
+template <typename F>
+inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, F) {
+  attr->maxThreadsPerBlock = 128;
+  return cudaSuccess;
+}
 inline cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t) {
   std::memset(p, v, n);
   return cudaSuccess;
