@@ -1,6 +1,6 @@
 """Triton window / full attention (backend="triton") against the reference, forward and backward.
 
-Without a GPU the kernels run in the Triton interpreter (tests/triton/conftest.py) on small
+Without a GPU the kernels run in the Triton interpreter (tests/conftest.py) on small
 shapes in fp32 and fp16: window grids 7x7, 8x8 (padded to 14x14), 14x14 and 9x12, head dims
 16 / 32 / 48 / 64, the padded keys holding ``pad_value`` (and its gradient) or zeros; full attention
 with N not a multiple of the blocks. The ``cuda`` tests take ViTAEv2-S sizes, bf16, head dim 128

@@ -1,6 +1,6 @@
 """The Triton DINO loss (backend="triton") against the reference, forward and backward.
 
-Without a GPU the kernels run in the Triton interpreter (tests/triton/conftest.py), on small
+Without a GPU the kernels run in the Triton interpreter (tests/conftest.py), on small
 shapes: K not a multiple of the column blocks, one and three teacher views, rows split over
 several programs and not, fp32 / fp16 / fp64. The ``cuda`` tests take the real sizes (K = 65536,
 12 crops at batch 64) and bf16.
