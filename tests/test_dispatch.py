@@ -8,6 +8,8 @@ import dataclasses
 import importlib
 import json
 import logging
+import math
+import warnings
 
 import pytest
 import torch
@@ -244,6 +246,47 @@ def test_pretraining_plans_every_op_and_writes_the_table(tmp_path, capsys):
     assert "forced: cuda" in table and table.splitlines()[0] in capsys.readouterr().err
     rows = json.loads((run / "backends.json").read_text())["rows"]
     assert all(r["chosen"] in ("torch", "cpp") for r in rows)
+
+
+def test_a_backend_failing_in_its_backward_is_demoted_and_the_step_recomputed(tmp_path, monkeypatch, caplog):
+    """The forward is gone when a backward kernel fails: the training loop demotes the backend
+    (every op it serves) and recomputes the step on the vendor path; the run ends normally."""
+    from dinocxr_fast import train
+    from dinocxr_fast.ops import bn_act
+
+    failures = []
+
+    def broken_backward(*args):
+        failures.append(1)
+        raise RuntimeError("illegal instruction in the fake backward kernel")
+
+    monkeypatch.setattr(bn_act, "_bn_act_backward_op", broken_backward)
+    run = tmp_path / "run"
+    args = ["--out", str(run), "--max-steps", "3", "--quiet", "--backend", "cpp",
+            "--set", "data.synthetic_count=8", "--set", "data.synthetic_size=32", "--set", "data.view_size=32",
+            "--set", "optim.batch_size=2", "--set", "model.out_dim=64", "--set", "model.head_hidden_dim=32",
+            "--set", "model.head_bottleneck_dim=16", "--set", "data.num_workers=1", "--set", "train.knn_every=0"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # ops the cpp backend does not have fall through
+        assert train.main(args) == 0
+    assert failures  # the start-up verification sees it too, and refuses cpp: forced, it runs anyway
+    assert {("conv_bn_act", "cpp"), ("pcm", "cpp")} <= set(_dispatch.demoted())
+    said = [r.getMessage() for r in caplog.records if "the step recomputed" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("step 0: conv_bn_act/pcm: backend 'cpp' raised in its backward")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps][-1] == 3 and all(math.isfinite(r["loss"]) for r in steps)
+
+
+def test_backward_of_names_the_backend_and_keeps_the_cause():
+    with pytest.raises(_dispatch.BackendError) as info:
+        with _dispatch.backward_of(("conv_bn_act", "pcm"), "cpp"):
+            raise ValueError("bad launch")
+    err = info.value
+    assert isinstance(err, RuntimeError) and err.ops == ("conv_bn_act", "pcm") and err.backend == "cpp"
+    assert isinstance(err.__cause__, ValueError) and "bad launch" in str(err)
+    err.demote()
+    assert set(_dispatch.demoted()) == {("conv_bn_act", "cpp"), ("pcm", "cpp")}
 
 
 def test_a_bad_argument_is_not_reported_as_a_non_finite_loss():

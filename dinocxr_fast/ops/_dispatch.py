@@ -16,7 +16,9 @@ For each call, in this order:
    nobody planned runs the vendor path. Among passing backends the fastest wins.
 
 A custom backend that raises during a call under 2. or 3. is demoted for the rest of the process
-(``demote``) and the op recomputes that call with the vendor path; the log says so once.
+(``demote``) and the op recomputes that call with the vendor path; the log says so once. One that
+raises in its backward pass (when the forward is long gone) raises ``BackendError``; the training
+loop (``runtime/job.py``) demotes it and recomputes the whole step.
 """
 from __future__ import annotations
 
@@ -206,6 +208,32 @@ def demote(op: str, backend: str, exc: BaseException) -> None:
 
 def demoted() -> dict[tuple[str, str], str]:
     return dict(_demoted)
+
+
+class BackendError(RuntimeError):
+    """A custom backend raised in a backward pass. The call's own forward cannot be redone from
+    there, so the training loop catches this, calls ``demote()`` and recomputes the step."""
+
+    def __init__(self, ops: tuple[str, ...], backend: str, cause: BaseException):
+        self.ops, self.backend, self.cause = ops, backend, cause
+        super().__init__(f"{'/'.join(ops)}: backend {backend!r} raised in its backward pass: "
+                         f"{type(cause).__name__}: {cause}")
+
+    def demote(self) -> None:
+        for op in self.ops:
+            demote(op, self.backend, self.cause)
+
+
+@contextlib.contextmanager
+def backward_of(ops: str | tuple[str, ...], backend: str) -> Iterator[None]:
+    """Around a custom backend's backward: any error becomes a ``BackendError`` naming it.
+    ``ops``: every op that may have run this backward (the cpp BN+act serves two)."""
+    try:
+        yield
+    except BackendError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - re-raised with the backend named
+        raise BackendError(ops if isinstance(ops, tuple) else (ops,), backend, exc) from exc
 
 
 # ---- planning: verify what a run will call --------------------------------------------------------

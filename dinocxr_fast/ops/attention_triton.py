@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from dinocxr_fast.ops import _dispatch
+
 # kernels/triton is imported on first use (Triton is optional, and it reads TRITON_INTERPRET
 # when a kernel module is imported).
 
@@ -68,7 +70,8 @@ def _window_setup(ctx, inputs, output):
 
 def _window_backward(ctx, grad_out):
     qkv, pad_value = ctx.saved_tensors
-    dqkv, dpad = _window_bwd_op(grad_out, qkv, pad_value, *ctx.args)
+    with _dispatch.backward_of("window_attention", "triton"):
+        dqkv, dpad = _window_bwd_op(grad_out, qkv, pad_value, *ctx.args)
     return dqkv, (dpad if pad_value is not None else None), None, None, None
 
 
@@ -114,7 +117,8 @@ def _full_setup(ctx, inputs, output):
 
 def _full_backward(ctx, grad_out, _grad_lse):
     qkv, out, lse = ctx.saved_tensors
-    return _full_bwd_op(grad_out, qkv, out, lse, *ctx.args), None, None
+    with _dispatch.backward_of("attention", "triton"):
+        return _full_bwd_op(grad_out, qkv, out, lse, *ctx.args), None, None
 
 
 _full_op.register_autograd(_full_backward, setup_context=_full_setup)

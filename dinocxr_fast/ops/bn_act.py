@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from dinocxr_fast import _ext
+from dinocxr_fast.ops import _dispatch
 
 ACT_CODE = {None: 0, "silu": 1, "gelu": 2, "relu": 3}
 
@@ -58,8 +59,9 @@ def _backward(ctx, grad, _grad_stats, _grad_running):
     y, bn_weight, bn_bias, stats = ctx.saved_tensors
     training, activation = ctx.config
     need = ctx.needs_input_grad
-    dy, dgamma, dbeta = _bn_act_backward_op(grad.contiguous(), y, bn_weight, bn_bias, stats, training, activation,
-                                            need[0])
+    with _dispatch.backward_of(("conv_bn_act", "pcm"), "cpp"):  # the cpp backend of both runs this
+        dy, dgamma, dbeta = _bn_act_backward_op(grad.contiguous(), y, bn_weight, bn_bias, stats, training,
+                                                activation, need[0])
     return (dy if need[0] else None, dgamma if need[1] else None, dbeta if need[2] else None) + (None,) * 6
 
 

@@ -753,8 +753,9 @@ def _conv_autograd_backward(ctx, grad, _grad_y, _grad_stats):
         raise RuntimeError("conv_bn_act: backward through a forward that ran with save=False (no saved activation)")
     n = ctx.needs_input_grad
     need = [n[0], n[1], has_bias and n[2], has_bn and n[3], has_bn and n[4]]
-    dx, dw, db, dgamma, dbeta = _conv_cuda_backward_op(grad, x, weight, y, stats, bn_weight, stride, groups, training,
-                                                       activation, need)
+    with rule.backward_of("conv_bn_act", "cuda"):
+        dx, dw, db, dgamma, dbeta = _conv_cuda_backward_op(grad, x, weight, y, stats, bn_weight, stride, groups,
+                                                           training, activation, need)
     return (dx if need[0] else None, dw.to(weight.dtype) if need[1] else None, db if need[2] else None,
             dgamma if need[3] else None, dbeta if need[4] else None) + (None,) * 9
 
@@ -823,8 +824,9 @@ def _pcm_autograd_backward(ctx, grad, *_):
     if y1.numel() == 0:
         raise RuntimeError("pcm: backward through a forward that ran with save=False (no saved activations)")
     n = ctx.needs_input_grad
-    dx, dw1, db1, dw2, db2, dw3, db3, dg1, dbe1, dg2, dbe2 = _pcm_cuda_backward_op(
-        grad, x, w1, w2, w3, y1, y2, st1, st2, g1, g2, strides, groups, training, n[0])
+    with rule.backward_of("pcm", "cuda"):
+        dx, dw1, db1, dw2, db2, dw3, db3, dg1, dbe1, dg2, dbe2 = _pcm_cuda_backward_op(
+            grad, x, w1, w2, w3, y1, y2, st1, st2, g1, g2, strides, groups, training, n[0])
     pick = lambda t, i: t if n[i] else None  # noqa: E731
     return (pick(dx, 0), pick(dw1.to(w1.dtype), 1), pick(db1, 2) if has_bias[0] else None,
             pick(dw2.to(w2.dtype), 3), pick(db2, 4) if has_bias[1] else None,

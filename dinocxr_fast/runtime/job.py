@@ -19,6 +19,7 @@ import torch
 
 from dinocxr_fast.cli import command_start
 from dinocxr_fast.config import save_config
+from dinocxr_fast.ops import _dispatch
 from dinocxr_fast.runtime import checkpoint as ckpt
 from dinocxr_fast.runtime import data as data_setup
 from dinocxr_fast.runtime import distributed
@@ -261,6 +262,21 @@ class TrainingJob:
                 self._signal = "a signal to another rank"
         return self._signal is not None
 
+    def _train_step_or_demote(self, batch):
+        """``train_step``; a custom kernel that fails in its backward pass is demoted (ops/_dispatch.py)
+        and the step recomputed on the vendor path. Its forward already ran once, so this one batch
+        reaches the BatchNorm running statistics and the DINO centre twice (once per backend and
+        process at most). Under DDP every rank must fail alike, or the others wait in all-reduce."""
+        try:
+            return self.train_step(batch)
+        except _dispatch.BackendError as exc:
+            exc.demote()
+            if self.cfg["train"].get("compile"):
+                torch.compiler.reset()  # the compiled graphs hold the demoted backend
+            log.warning("step %d: %s; backend %r demoted for %s, the step recomputed on the vendor path",
+                        self.step, exc, exc.backend, "/".join(exc.ops))
+            return self.train_step(batch)
+
     def _next_batch(self, batches):
         """The next batch; a loader whose workers a signal took down counts as a stop, not a crash."""
         try:
@@ -304,7 +320,7 @@ class TrainingJob:
                     if batch is None:
                         break
                     window["wait"] += time.perf_counter() - t_wait
-                    out = self.train_step(batch)
+                    out = self._train_step_or_demote(batch)
                     window["images"] += self.batch_images(batch) * self.dist.world_size
                     if self.step % log_every == 0 or self.step == self.end_step(max_steps):
                         self._log(out, window, progress)
