@@ -7,7 +7,7 @@ conv3x3 -> BN -> SiLU -> conv3x3 -> BN -> SiLU -> conv3x3, in three modes:
   train_fwd     BatchNorm in training mode, forward only;
   train_fwd_bwd forward + backward (every parameter and the input, except the image of stage 1);
   infer         eval BatchNorm under no_grad.
-Ours: ``ops.conv_bn_act.pcm(backend="cuda")`` (the chain as one op) and, as ``per_conv_ms``, three
+Ours: ``ops.pcm(backend="cuda")`` (the chain as one op) and, as ``per_conv_ms``, three
 ``conv_bn_act(backend="cuda")`` calls (what ViTAEv2 runs today, one op per conv). Peers, same
 process, same inputs: the eager PyTorch chain (cuDNN conv + BN + SiLU) in channels-last (the
 model's layout, no permute copies) and in NCHW, and ``torch.compile`` of the channels-last chain.
@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from benchmarks import _harness as H
 
 conv_mod = importlib.import_module("dinocxr_fast.ops.conv_bn_act")
+pcm_mod = importlib.import_module("dinocxr_fast.ops.pcm")
 
 BATCH = 64
 # name: (c0, c1, c2, c3, groups, strides, input grid) -- ViTAEv2-S at 224 px (models/vitaev2.py CONFIGS).
@@ -141,7 +142,7 @@ def run(args) -> list[H.Record]:
 
         def ours_chain():
             bn = [(b.weight, b.bias, b.running_mean, b.running_var, b.eps, b.momentum) for b in bns]
-            return conv_mod.pcm(x_tok, [c.weight for c in convs], [c.bias for c in convs], bn[0], bn[1],
+            return pcm_mod.pcm(x_tok, [c.weight for c in convs], [c.bias for c in convs], bn[0], bn[1],
                                 strides=strides, groups=groups, training=bns[0].training, backend="cuda")
 
         def ours_per_conv():

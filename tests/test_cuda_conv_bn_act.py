@@ -19,12 +19,13 @@ import importlib
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from dinocxr_fast import _ext
 from test_cuda_pcm_planning import KernelEmulation
 
 conv_mod = importlib.import_module("dinocxr_fast.ops.conv_bn_act")
+cuda_mod = importlib.import_module("dinocxr_fast.ops.conv_bn_act_cuda")
+pcm_mod = importlib.import_module("dinocxr_fast.ops.pcm")
 pytestmark = pytest.mark.cuda
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -94,11 +95,11 @@ KERNEL_CASES = [
 
 def _plans(c_in, c_out, groups, stride, batch, h, w):
     """(plan, weight layout, input shape, output shape) of the forward conv and its data gradient."""
-    fwd = conv_mod._forward_plan(batch, h, w, c_in, c_out, groups, stride)
+    fwd = cuda_mod._forward_plan(batch, h, w, c_in, c_out, groups, stride)
     weight = torch.randn(c_out, c_in // groups, 3, 3, device="cuda") / (9 * c_in / groups) ** 0.5
-    out = [(fwd, conv_mod._forward_weight(weight), (batch, h, w, c_in), (batch, fwd.geom[4], fwd.geom[5], c_out))]
-    for plan in conv_mod._dgrad_plans(batch, h, w, c_in, c_out, groups, stride):
-        out.append((plan, conv_mod._dgrad_weight(weight, groups, plan), (batch, fwd.geom[4], fwd.geom[5], c_out),
+    out = [(fwd, cuda_mod._forward_weight(weight), (batch, h, w, c_in), (batch, fwd.geom[4], fwd.geom[5], c_out))]
+    for plan in cuda_mod._dgrad_plans(batch, h, w, c_in, c_out, groups, stride):
+        out.append((plan, cuda_mod._dgrad_weight(weight, groups, plan), (batch, fwd.geom[4], fwd.geom[5], c_out),
                     (batch, h, w, c_in)))
     return out
 
@@ -109,7 +110,7 @@ def test_tap_conv_kernels_match_emulation(mode, case):
     dtype, path = mode
     set_path(path)
     torch.manual_seed(0)
-    real, emu = conv_mod._CudaKernels(), KernelEmulation()
+    real, emu = cuda_mod._CudaKernels(), KernelEmulation()
     for plan, wt, in_shape, out_shape in _plans(*case):
         wt = wt.to(dtype)
         # The dgrad launches of a strided conv write a subset of positions each: start from one buffer.
@@ -146,8 +147,8 @@ def test_wgrad_kernels_match_emulation(mode, case):
     set_path(path)
     torch.manual_seed(1)
     c_in, c_out, groups, stride, batch, h, w = case
-    real, emu = conv_mod._CudaKernels(), KernelEmulation()
-    oh, ow = conv_mod._out_size(h, stride), conv_mod._out_size(w, stride)
+    real, emu = cuda_mod._CudaKernels(), KernelEmulation()
+    oh, ow = cuda_mod._out_size(h, stride), cuda_mod._out_size(w, stride)
     x = rnd(batch, h, w, c_in, dtype=dtype)
     dy = rnd(batch, oh, ow, c_out, dtype=dtype)
     for pro in (None, (torch.rand(c_in, device="cuda") + 0.5, torch.randn(c_in, device="cuda"))):
@@ -169,7 +170,7 @@ def test_wgrad_at_stage1_scale_uses_tensor_cores_and_matches():
     assert info[0] and info[1], info
     torch.manual_seed(2)
     x, dy = rnd(64, 56, 56, 64, dtype=torch.bfloat16), rnd(64, 56, 56, 256, dtype=torch.bfloat16)
-    dw, db = conv_mod._CudaKernels().wgrad(x, dy, None, 1, 1, True)
+    dw, db = cuda_mod._CudaKernels().wgrad(x, dy, None, 1, 1, True)
     # Oracle: cuDNN in fp32 (TF32 off) on the same bf16 values; both sum exact products in fp32.
     dw_want = torch.nn.grad.conv2d_weight(x.float().permute(0, 3, 1, 2), (256, 64, 3, 3),
                                           dy.float().permute(0, 3, 1, 2), padding=1)
@@ -181,7 +182,7 @@ def test_wgrad_at_stage1_scale_uses_tensor_cores_and_matches():
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_batchnorm_and_elementwise_kernels_match_emulation(dtype, channels):
     torch.manual_seed(3)
-    real, emu = conv_mod._CudaKernels(), KernelEmulation()
+    real, emu = cuda_mod._CudaKernels(), KernelEmulation()
     vec = lambda lo=-1.0, hi=1.0: torch.empty(channels, device="cuda").uniform_(lo, hi)  # noqa: E731
     # Finalize passes: 37 partial rows of sums over 3700 values.
     partials = torch.randn(37, channels, 2, device="cuda").abs() * 100
@@ -226,13 +227,13 @@ FUSED_CASES = [
 def test_fused_pcm_inference_kernel_matches_emulation(dtype, case):
     torch.manual_seed(4)
     b, h, w, c0, c1, c2, c3, groups, s1 = case
-    real, emu = conv_mod._CudaKernels(), KernelEmulation()
+    real, emu = cuda_mod._CudaKernels(), KernelEmulation()
     assert real.pcm_fused_supported(case, dtype, torch.device("cuda")), _ext.require().pcm_fused_info(
-        list(case), conv_mod._CUDA_DTYPES[dtype], torch.cuda.current_device())
+        list(case), cuda_mod._CUDA_DTYPES[dtype], torch.cuda.current_device())
     x = rnd(b, h, w, c0, dtype=dtype)
     ws = [(torch.randn(co, ci // groups, 3, 3, device="cuda") / (9 * ci / groups) ** 0.5).to(dtype)
           for ci, co in ((c0, c1), (c1, c2), (c2, c3))]
-    ws = [conv_mod._forward_weight(wt) for wt in ws]
+    ws = [cuda_mod._forward_weight(wt) for wt in ws]
     aff = [(torch.rand(c, device="cuda") + 0.5, torch.randn(c, device="cuda") * 0.1) for c in (c1, c2, c3)]
     got = real.pcm_fused(x, *ws, aff[0][0], aff[0][1], aff[1][0], aff[1][1], None, aff[2][1], groups, s1)
     want = emu.pcm_fused(x, *ws, aff[0][0], aff[0][1], aff[1][0], aff[1][1], None, aff[2][1], groups, s1)
@@ -371,8 +372,8 @@ def check_pcm(dtype, case, training):
         m.double()
     x = rnd(batch, h, w, c0, dtype=dtype)
     x1, x64 = x.clone().requires_grad_(), x.double().requires_grad_()
-    got = _pcm(conv_mod.pcm, x1, convs, bns, strides, groups, training, backend="cuda")
-    want = _pcm(conv_mod.pcm_reference, x64, convs64, bns64, strides, groups, training)
+    got = _pcm(pcm_mod.pcm, x1, convs, bns, strides, groups, training, backend="cuda")
+    want = _pcm(pcm_mod.pcm_reference, x64, convs64, bns64, strides, groups, training)
     tol = TOL[dtype]
     close(got, want, 2 * tol, "out")
     for bn, bn64 in zip(bns, bns64):
@@ -399,11 +400,11 @@ def test_pcm_cuda_inference_matches_reference(dtype, case):
     convs, bns = _pcm_modules(c0, c1, c2, c3, strides, groups, dtype)
     x = rnd(batch, h, w, c0, dtype=dtype)
     with torch.no_grad():
-        got = _pcm(conv_mod.pcm, x, convs, bns, strides, groups, False, backend="cuda")
+        got = _pcm(pcm_mod.pcm, x, convs, bns, strides, groups, False, backend="cuda")
         convs64, bns64 = copy.deepcopy(convs), copy.deepcopy(bns)
         for m in convs64 + bns64:
             m.double()
-        want = _pcm(conv_mod.pcm_reference, x.double(), convs64, bns64, strides, groups, False)
+        want = _pcm(pcm_mod.pcm_reference, x.double(), convs64, bns64, strides, groups, False)
     close(got, want, 2 * TOL[dtype], "inference")
 
 
@@ -430,8 +431,8 @@ def test_vitaev2_s_pcm_batch64_bf16_training(name):
         m.float()
     x = rnd(64, hw, hw, c0, dtype=torch.bfloat16)
     x1, x32 = x.clone().requires_grad_(), x.float().requires_grad_()
-    got = _pcm(conv_mod.pcm, x1, convs, bns, strides, groups, True, backend="cuda")
-    want = _pcm(conv_mod.pcm_reference, x32, convs32, bns32, strides, groups, True)
+    got = _pcm(pcm_mod.pcm, x1, convs, bns, strides, groups, True, backend="cuda")
+    want = _pcm(pcm_mod.pcm_reference, x32, convs32, bns32, strides, groups, True)
     close(got, want, 4e-2, f"{name} out")
     grad = torch.randn_like(want)
     got.backward(grad.bfloat16())
@@ -451,7 +452,7 @@ def test_pcm_cuda_is_deterministic():
         convs, bns = _pcm_modules(c0, c1, c2, c3, strides, groups, torch.bfloat16)
         torch.manual_seed(5)
         x = rnd(8, hw, hw, c0, dtype=torch.bfloat16).requires_grad_()
-        out = _pcm(conv_mod.pcm, x, convs, bns, strides, groups, True, backend="cuda")
+        out = _pcm(pcm_mod.pcm, x, convs, bns, strides, groups, True, backend="cuda")
         out.float().square().sum().backward()
         results.append([out, x.grad] + [c.weight.grad for c in convs] + [bn.running_var for bn in bns])
     for a, b in zip(*results):
@@ -475,7 +476,7 @@ def test_conv_bn_act_cuda_under_autocast_matches_bf16_inputs():
     spec = {"bn_weight": bn.weight, "bn_bias": bn.bias, "running_mean": bn.running_mean, "running_var": bn.running_var}
     with torch.autocast("cuda", dtype=torch.bfloat16):
         choice = conv_mod.rule.Choice("cuda", "auto")
-        assert conv_mod._cuda_or_fallback(choice, got, torch.randn(256, 8, 3, 3, device="cuda"), 1, 1, 1, 32, spec,
+        assert cuda_mod.cuda_or_fallback(choice, got, torch.randn(256, 8, 3, 3, device="cuda"), 1, 1, 1, 32, spec,
                                           True).backend == "cuda"
 
 
@@ -557,13 +558,13 @@ def need_wgmma():
 
 def test_wgmma_path_is_taken_for_dense_convs():
     need_wgmma()
-    plan = conv_mod._forward_plan(2, 9, 9, 64, 256, 1, 1)
+    plan = cuda_mod._forward_plan(2, 9, 9, 64, 256, 1, 1)
     info = lambda: _ext.require().tap_conv_info(list(plan.geom), list(plan.tap_dy), list(plan.tap_dx), 2,  # noqa: E731
                                                 torch.cuda.current_device())
     assert info()[1] == "mma"  # the default until the wgmma kernel has been measured
     set_path("wgmma")
     assert info()[1] == "wgmma"
-    grouped = conv_mod._forward_plan(2, 9, 9, 64, 64, 16, 1)
+    grouped = cuda_mod._forward_plan(2, 9, 9, 64, 64, 16, 1)
     assert _ext.require().tap_conv_info(list(grouped.geom), list(grouped.tap_dy), list(grouped.tap_dx), 2,
                                         torch.cuda.current_device())[1] == "direct"
 

@@ -31,6 +31,8 @@ import torch
 from test_cuda_pcm_planning import KernelEmulation, _bn_tuple, _pcm_params
 
 conv_mod = importlib.import_module("dinocxr_fast.ops.conv_bn_act")
+cuda_mod = importlib.import_module("dinocxr_fast.ops.conv_bn_act_cuda")
+pcm_mod = importlib.import_module("dinocxr_fast.ops.pcm")
 ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "kernels" / "cuda" / "emulation" / "build.py"
 OUT = Path(tempfile.gettempdir()) / "dinocxr_emu"
@@ -220,10 +222,10 @@ def test_tap_conv_kernels(simt, dtype, path, case):
     emu = KernelEmulation()
     c_in, c_out, groups, stride, b, h, w = case
     weight = torch.randn(c_out, c_in // groups, 3, 3) / (9 * c_in / groups) ** 0.5
-    fwd = conv_mod._forward_plan(b, h, w, c_in, c_out, groups, stride)
-    plans = [(fwd, conv_mod._forward_weight(weight), (b, h, w, c_in), (b, fwd.geom[4], fwd.geom[5], c_out))]
-    for plan in conv_mod._dgrad_plans(b, h, w, c_in, c_out, groups, stride):
-        plans.append((plan, conv_mod._dgrad_weight(weight, groups, plan), (b, fwd.geom[4], fwd.geom[5], c_out),
+    fwd = cuda_mod._forward_plan(b, h, w, c_in, c_out, groups, stride)
+    plans = [(fwd, cuda_mod._forward_weight(weight), (b, h, w, c_in), (b, fwd.geom[4], fwd.geom[5], c_out))]
+    for plan in cuda_mod._dgrad_plans(b, h, w, c_in, c_out, groups, stride):
+        plans.append((plan, cuda_mod._dgrad_weight(weight, groups, plan), (b, fwd.geom[4], fwd.geom[5], c_out),
                       (b, h, w, c_in)))
     simt.impls.clear()
     for plan, wt, in_shape, out_shape in plans:
@@ -304,7 +306,7 @@ def test_fused_pcm_kernel(simt, dtype, shape):
     torch.manual_seed(3)
     b, h, w, c0, c1, c2, c3, groups, s1 = shape
     x = torch.randn(b, h, w, c0).to(dtype)
-    ws = [conv_mod._forward_weight((torch.randn(co, ci // groups, 3, 3) / (9 * ci / groups) ** 0.5).to(dtype))
+    ws = [cuda_mod._forward_weight((torch.randn(co, ci // groups, 3, 3) / (9 * ci / groups) ** 0.5).to(dtype))
           for ci, co in ((c0, c1), (c1, c2), (c2, c3))]
     aff = [(torch.rand(c) + 0.5, torch.randn(c) * 0.1) for c in (c1, c2, c3)]
     args = (x, *ws, aff[0][0], aff[0][1], aff[1][0], aff[1][1], None, aff[2][1], groups, s1)
@@ -345,7 +347,7 @@ def test_dino_loss_kernel(simt, dtype, k, n_crops, n_global, batch, smem):
 # ---- the ops, end to end on the emulated kernels ---------------------------------------------------
 @pytest.fixture
 def on_simt(simt, monkeypatch):
-    monkeypatch.setattr(conv_mod, "_PROVIDER", simt)
+    monkeypatch.setattr(cuda_mod, "_PROVIDER", simt)
     simt.config(path="auto")
     return simt
 
@@ -366,9 +368,9 @@ def test_pcm_op_on_emulated_kernels(on_simt, dtype, training, c0, c1, c2, c3, gr
     x = torch.randn(batch, h, w, c0)
     x1 = x.to(dtype).clone().requires_grad_()
     x64 = x.to(dtype).double().detach().requires_grad_()
-    got = conv_mod._pcm_cuda(x1, [c.weight.to(dtype) for c in convs_k], [c.bias for c in convs_k],
+    got = cuda_mod._pcm_cuda(x1, [c.weight.to(dtype) for c in convs_k], [c.bias for c in convs_k],
                              [_bn_tuple(bn) for bn in bns_k], list(strides), groups, training)
-    want = conv_mod.pcm_reference(x64, [c.weight.to(dtype).double() for c in convs], [c.bias for c in convs],
+    want = pcm_mod.pcm_reference(x64, [c.weight.to(dtype).double() for c in convs], [c.bias for c in convs],
                                   _bn_tuple(bns[0]), _bn_tuple(bns[1]), strides=strides, groups=groups,
                                   training=training)
     tol = 2 * TOL[dtype]
@@ -400,7 +402,7 @@ def test_conv_op_on_emulated_kernels(on_simt, training, act):
     x = torch.randn(2, 7, 6, 8)
     x1, x64 = x.clone().requires_grad_(), x.double().requires_grad_()
     kw = dict(stride=2, groups=2, eps=bn.eps, momentum=bn.momentum, training=training, activation=act)
-    got = conv_mod._conv_bn_act_cuda(x1, conv.weight, conv.bias, bn_weight=bn.weight, bn_bias=bn.bias,
+    got = cuda_mod._conv_bn_act_cuda(x1, conv.weight, conv.bias, bn_weight=bn.weight, bn_bias=bn.bias,
                                      running_mean=bn.running_mean, running_var=bn.running_var, **kw)
     want = conv_mod.conv_bn_act_reference(x64, conv64.weight, conv64.bias, bn_weight=bn64.weight, bn_bias=bn64.bias,
                                           running_mean=bn64.running_mean, running_var=bn64.running_var, **kw)
@@ -470,9 +472,9 @@ def test_vitaev2_s_pcm_on_emulated_kernels(on_simt, name):
     x = torch.randn(1, hw, hw, c0).bfloat16()
     x1 = x.clone().requires_grad_()
     x64 = x.double().requires_grad_()
-    got = conv_mod._pcm_cuda(x1, [c.weight.bfloat16() for c in convs_k], [c.bias for c in convs_k],
+    got = cuda_mod._pcm_cuda(x1, [c.weight.bfloat16() for c in convs_k], [c.bias for c in convs_k],
                              [_bn_tuple(bn) for bn in bns_k], list(strides), groups, (True, True))
-    want = conv_mod.pcm_reference(x64, [c.weight.bfloat16().double() for c in convs], [c.bias for c in convs],
+    want = pcm_mod.pcm_reference(x64, [c.weight.bfloat16().double() for c in convs], [c.bias for c in convs],
                                   _bn_tuple(bns[0]), _bn_tuple(bns[1]), strides=strides, groups=groups,
                                   training=(True, True))
     close(got, want, 4e-2, f"{name} out")
@@ -496,10 +498,10 @@ def test_vitaev2_s_pcm_inference_on_emulated_kernels(on_simt, name):
     x = torch.randn(2, hw, hw, c0).bfloat16()
     on_simt.impls.clear()
     with torch.no_grad():
-        got = conv_mod._pcm_cuda(x, [c.weight.float().bfloat16() for c in convs], [c.bias.float() for c in convs],
+        got = cuda_mod._pcm_cuda(x, [c.weight.float().bfloat16() for c in convs], [c.bias.float() for c in convs],
                                  [tuple(t.float() if isinstance(t, torch.Tensor) else t for t in _bn_tuple(bn))
                                   for bn in bns], list(strides), groups, (False, False))
-        want = conv_mod.pcm_reference(x.double(), [c.weight.bfloat16().double() for c in convs],
+        want = pcm_mod.pcm_reference(x.double(), [c.weight.bfloat16().double() for c in convs],
                                       [c.bias for c in convs], _bn_tuple(bns[0]), _bn_tuple(bns[1]), strides=strides,
                                       groups=groups, training=(False, False))
     close(got, want, 4e-2, f"{name} inference")

@@ -21,6 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 conv_mod = importlib.import_module("dinocxr_fast.ops.conv_bn_act")
+cuda_mod = importlib.import_module("dinocxr_fast.ops.conv_bn_act_cuda")
+pcm_mod = importlib.import_module("dinocxr_fast.ops.pcm")
 
 ACTS = {None: lambda z: z, "silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 
@@ -147,7 +149,7 @@ class KernelEmulation:
         a = x
         for w, s, t, stride, act in ((w1, s1, t1, stride1, "silu"), (w2, s2, t2, 1, "silu"), (w3, s3, t3, 1, None)):
             b, h, wd, c_in = a.shape
-            plan = conv_mod._forward_plan(b, h, wd, c_in, w.shape[0], groups, stride)
+            plan = cuda_mod._forward_plan(b, h, wd, c_in, w.shape[0], groups, stride)
             nxt = a.new_empty((b, plan.geom[4], plan.geom[5], w.shape[0]))
             self.tap_conv(a, w, nxt, plan, act=act, scale=s, shift=t)
             a = nxt
@@ -157,7 +159,7 @@ class KernelEmulation:
 @pytest.fixture
 def emulation(monkeypatch):
     emu = KernelEmulation()
-    monkeypatch.setattr(conv_mod, "_PROVIDER", emu)
+    monkeypatch.setattr(cuda_mod, "_PROVIDER", emu)
     return emu
 
 
@@ -165,9 +167,9 @@ def emulation(monkeypatch):
 @pytest.mark.parametrize("h, w, stride", [(7, 7, 1), (5, 8, 2), (1, 3, 2), (2, 2, 2), (9, 4, 2)])
 def test_dgrad_plans_write_every_input_position_exactly_once(h, w, stride):
     seen = torch.zeros(h, w, dtype=torch.int64)
-    for plan in conv_mod._dgrad_plans(1, h, w, 4, 4, 1, stride):
+    for plan in cuda_mod._dgrad_plans(1, h, w, 4, 4, 1, stride):
         _, oh, ow, _, out_h, out_w, _, gh, gw, s_in, s_out, oy0, ox0, _ = plan.geom
-        assert (out_h, out_w) == (h, w) and (oh, ow) == (conv_mod._out_size(h, stride), conv_mod._out_size(w, stride))
+        assert (out_h, out_w) == (h, w) and (oh, ow) == (cuda_mod._out_size(h, stride), cuda_mod._out_size(w, stride))
         assert s_in == 1 and s_out == stride
         seen[oy0::s_out, ox0::s_out][:gh, :gw] += 1
         assert len(plan.tap_dy) == len(range(plan.kh0, 3, plan.step)) * len(range(plan.kw0, 3, plan.step))
@@ -181,14 +183,14 @@ def test_tap_convolutions_reproduce_conv2d_and_its_input_gradient(emulation, gro
     x = torch.randn(b, h, w, c_in, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(c_out, c_in // groups, 3, 3, dtype=torch.float64)
     want = F.conv2d(x.permute(0, 3, 1, 2), weight, None, stride, 1, 1, groups).permute(0, 2, 3, 1)
-    plan = conv_mod._forward_plan(b, h, w, c_in, c_out, groups, stride)
+    plan = cuda_mod._forward_plan(b, h, w, c_in, c_out, groups, stride)
     got = x.new_empty(want.shape)
-    emulation.tap_conv(x.detach(), conv_mod._forward_weight(weight), got, plan)
+    emulation.tap_conv(x.detach(), cuda_mod._forward_weight(weight), got, plan)
     torch.testing.assert_close(got, want.detach())
 
     dy = torch.randn_like(want)
     (want_dx,) = torch.autograd.grad(want, x, dy)
-    dx, _ = conv_mod._dgrad(emulation, dy, weight, tuple(x.shape), groups, stride)
+    dx, _ = cuda_mod._dgrad(emulation, dy, weight, tuple(x.shape), groups, stride)
     torch.testing.assert_close(dx, want_dx)
 
 
@@ -235,7 +237,7 @@ def test_conv_op_forward_backward_and_running_stats(emulation, training, c_in, c
     conv2, bn2 = copy.deepcopy(conv), copy.deepcopy(bn)
     x = torch.randn(batch, h, w, c_in, dtype=torch.float64)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    got = _call(conv_mod._conv_bn_act_cuda, x1, conv, bn, act, training, use_bn, use_bias)
+    got = _call(cuda_mod._conv_bn_act_cuda, x1, conv, bn, act, training, use_bn, use_bias)
     want = _call(conv_mod.conv_bn_act_reference, x2, conv2, bn2, act, training, use_bn, use_bias)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(bn.running_mean, bn2.running_mean, rtol=1e-6, atol=1e-6)
@@ -256,7 +258,7 @@ def test_conv_op_inference_is_one_folded_kernel(emulation):
     conv, bn = _modules(8, 16, 1, 2)
     x = torch.randn(2, 5, 5, 8, dtype=torch.float64)
     with torch.no_grad():
-        got = _call(conv_mod._conv_bn_act_cuda, x, conv, bn, "silu", False)
+        got = _call(cuda_mod._conv_bn_act_cuda, x, conv, bn, "silu", False)
         want = _call(conv_mod.conv_bn_act_reference, x, conv, bn, "silu", False)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert emulation.calls == ["tap_conv:0:-"]
@@ -265,7 +267,7 @@ def test_conv_op_inference_is_one_folded_kernel(emulation):
 def test_conv_op_skips_the_input_gradient_nobody_needs(emulation):
     conv, bn = _modules(1, 8, 2, 1)
     x = torch.randn(2, 8, 8, 1, dtype=torch.float64)  # images: no gradient
-    _call(conv_mod._conv_bn_act_cuda, x, conv, bn, "silu", True).sum().backward()
+    _call(cuda_mod._conv_bn_act_cuda, x, conv, bn, "silu", True).sum().backward()
     assert conv.weight.grad is not None
     assert not any(c.startswith("tap_conv") for c in emulation.calls[1:])  # forward only; no data gradient
 
@@ -294,7 +296,7 @@ def _run_pcm(fn, x, convs, bns, strides, groups, training):
 
 
 def _cuda_pcm(x, weights, biases, bn1, bn2, *, strides, groups, training):
-    return conv_mod._pcm_cuda(x, weights, biases, [bn1, bn2], list(strides), groups, tuple(training))
+    return cuda_mod._pcm_cuda(x, weights, biases, [bn1, bn2], list(strides), groups, tuple(training))
 
 
 PCM_CASES = [
@@ -317,7 +319,7 @@ def test_pcm_op_matches_reference_forward_backward_and_running_stats(emulation, 
     x = torch.randn(batch, h, w, c0, dtype=torch.float64)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     got = _run_pcm(_cuda_pcm, x1, convs, bns, strides, groups, training)
-    want = _run_pcm(conv_mod.pcm_reference, x2, convs2, bns2, strides, groups, training)
+    want = _run_pcm(pcm_mod.pcm_reference, x2, convs2, bns2, strides, groups, training)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for bn, bn2 in zip(bns, bns2):
         torch.testing.assert_close(bn.running_mean, bn2.running_mean, rtol=1e-6, atol=1e-6)
@@ -341,14 +343,14 @@ def test_pcm_op_matches_reference_forward_backward_and_running_stats(emulation, 
 @pytest.mark.parametrize("c0, c1, c2, c3, groups, strides, batch, h, w", PCM_CASES)
 def test_pcm_inference(monkeypatch, fused, c0, c1, c2, c3, groups, strides, batch, h, w):
     emu = KernelEmulation(fused=fused)
-    monkeypatch.setattr(conv_mod, "_PROVIDER", emu)
+    monkeypatch.setattr(cuda_mod, "_PROVIDER", emu)
     convs, bns = _pcm_params(c0, c1, c2, c3, groups)
     for c, s in zip(convs, strides):
         c.stride = (s, s)
     x = torch.randn(batch, h, w, c0, dtype=torch.float64)
     with torch.no_grad():
         got = _run_pcm(_cuda_pcm, x, convs, bns, strides, groups, (False, False))
-        want = _run_pcm(conv_mod.pcm_reference, x, convs, bns, strides, groups, (False, False))
+        want = _run_pcm(pcm_mod.pcm_reference, x, convs, bns, strides, groups, (False, False))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     one_kernel = fused and groups > 1 and strides[1:] == (1, 1)
     assert ("pcm_fused" in emu.calls) == one_kernel
@@ -356,7 +358,10 @@ def test_pcm_inference(monkeypatch, fused, c0, c1, c2, c3, groups, strides, batc
         assert emu.calls == ["tap_conv:0:-"] * 3  # BatchNorm folded into each conv's epilogue
 
 
-def test_pcm_modules_matches_the_modules(emulation, monkeypatch):
+def test_parallel_conv_through_the_fused_op_matches_its_modules(emulation, monkeypatch):
+    """ParallelConv hands its parameters and BatchNorm bookkeeping to ops.pcm: the same output,
+    running statistics and num_batches_tracked as calling its three modules one by one."""
+    from dinocxr_fast.models import layers
     from dinocxr_fast.models.layers import ParallelConv
 
     torch.manual_seed(0)
@@ -364,23 +369,13 @@ def test_pcm_modules_matches_the_modules(emulation, monkeypatch):
     pcm2 = copy.deepcopy(pcm)
     x = torch.randn(2, 6, 6, 8, dtype=torch.float64)
     # Route the op's cuda path through the emulation on the CPU: pcm() resolves the backend from the
-    # device, so call the module helper with the cuda path forced.
-    monkeypatch.setattr(conv_mod, "pcm", lambda *a, **k: _cuda_pcm(*a, **{n: v for n, v in k.items() if n != "backend"}))
-    got = conv_mod.pcm_modules(x, pcm.conv1, pcm.conv2, pcm.conv3)
-    want = pcm2(x)
+    # device, so the model's pcm is the cuda path forced.
+    monkeypatch.setattr(layers, "pcm", lambda *a, **k: _cuda_pcm(*a, **{n: v for n, v in k.items() if n != "backend"}))
+    got = pcm(x)
+    want = pcm2.conv3(pcm2.conv2(pcm2.conv1(x)))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for a, b in itertools.product(("conv1", "conv2"), ("running_mean", "running_var", "num_batches_tracked")):
         torch.testing.assert_close(getattr(getattr(pcm, a).bn, b), getattr(getattr(pcm2, a).bn, b))
-
-
-def test_pcm_modules_calls_the_modules_when_they_are_not_a_pcm():
-    from dinocxr_fast.models.layers import ConvBNAct
-
-    torch.manual_seed(0)
-    mods = [ConvBNAct(4, 4, norm=True, activation="gelu"), ConvBNAct(4, 4, norm=True, activation="silu"),
-            ConvBNAct(4, 4)]
-    x = torch.randn(1, 5, 5, 4)
-    torch.testing.assert_close(conv_mod.pcm_modules(x, *mods), mods[2](mods[1](mods[0](x))))
 
 
 def test_custom_ops_pass_opcheck(emulation):
@@ -393,15 +388,15 @@ def test_custom_ops_pass_opcheck(emulation):
     be = torch.randn(16, dtype=torch.float64, requires_grad=True)
     rm, rv = torch.zeros(16, dtype=torch.float64), torch.ones(16, dtype=torch.float64)
     for training, act in ((True, 1), (False, 2)):
-        torch.library.opcheck(conv_mod._conv_cuda_op, (x, w, b, g, be, rm, rv, 2, 2, 1e-5, 0.1, training, act, True))
-    torch.library.opcheck(conv_mod._conv_cuda_op, (x, w, None, None, None, None, None, 1, 2, 1e-5, 0.1, False, 0, True))
+        torch.library.opcheck(cuda_mod._conv_cuda_op, (x, w, b, g, be, rm, rv, 2, 2, 1e-5, 0.1, training, act, True))
+    torch.library.opcheck(cuda_mod._conv_cuda_op, (x, w, None, None, None, None, None, 1, 2, 1e-5, 0.1, False, 0, True))
     convs, bns = _pcm_params(8, 32, 8, 8, 2)
     args = [x, convs[0].weight, convs[0].bias, convs[1].weight, convs[1].bias, convs[2].weight, convs[2].bias]
     for bn in bns:
         args += [bn.weight, bn.bias, bn.running_mean, bn.running_var]
     for training, save in (([True, True], True), ([False, True], True), ([False, False], False)):
         inputs = args if save else [a.detach() for a in args]  # inference: nothing to differentiate
-        torch.library.opcheck(conv_mod._pcm_cuda_op,
+        torch.library.opcheck(cuda_mod._pcm_cuda_op,
                               tuple(inputs) + ([1, 1, 1], 2, [1e-5, 1e-5], [0.1, 0.1], training, save))
 
 
@@ -409,8 +404,8 @@ def test_pcm_on_cpu_is_the_reference():
     convs, bns = _pcm_params(8, 16, 8, 8, 2)
     x = torch.randn(2, 5, 5, 8, dtype=torch.float64)
     with torch.no_grad():
-        got = _run_pcm(conv_mod.pcm, x, convs, bns, (1, 1, 1), 2, (False, False))
-        want = _run_pcm(conv_mod.pcm_reference, x, convs, bns, (1, 1, 1), 2, (False, False))
+        got = _run_pcm(pcm_mod.pcm, x, convs, bns, (1, 1, 1), 2, (False, False))
+        want = _run_pcm(pcm_mod.pcm_reference, x, convs, bns, (1, 1, 1), 2, (False, False))
     torch.testing.assert_close(got, want)
 
 
@@ -429,7 +424,7 @@ def test_cuda_backend_names_what_it_does_not_cover(change, name):
     args = dict(x=torch.randn(2, 6, 6, 4), weight=torch.randn(8, 4, 3, 3), stride=1, padding=1, dilation=1)
     args.update(change)
     bn = {"bn_weight": None}
-    got = conv_mod._cuda_unsupported(args["x"], args["weight"], args["stride"], args["padding"], args["dilation"], 1,
+    got = cuda_mod._cuda_unsupported(args["x"], args["weight"], args["stride"], args["padding"], args["dilation"], 1,
                                      bn, False)
     assert got is not None and got[0] == name
 
@@ -448,10 +443,10 @@ def test_pcm_bad_input_names_the_argument():
     bn = tuple(t.float() if isinstance(t, torch.Tensor) else t for t in _bn_tuple(bns[0]))
     bn2 = tuple(t.float() if isinstance(t, torch.Tensor) else t for t in _bn_tuple(bns[1]))
     with pytest.raises(ValueError, match="channels"):
-        conv_mod.pcm(x[..., :4], weights, biases, bn, bn2, groups=2)
+        pcm_mod.pcm(x[..., :4], weights, biases, bn, bn2, groups=2)
     with pytest.raises(ValueError, match="strides"):
-        conv_mod.pcm(x, weights, biases, bn, bn2, strides=(1, 0, 1), groups=2)
+        pcm_mod.pcm(x, weights, biases, bn, bn2, strides=(1, 0, 1), groups=2)
     with pytest.raises(ValueError, match="bn2"):
-        conv_mod.pcm(x, weights, biases, bn, bn2[:4], groups=2)
+        pcm_mod.pcm(x, weights, biases, bn, bn2[:4], groups=2)
     with pytest.raises(ValueError, match="weight expects"):  # conv2's input width does not chain
-        conv_mod.pcm(x, [weights[0], torch.randn(8, 3, 3, 3), weights[2]], biases, bn, bn2, groups=2)
+        pcm_mod.pcm(x, [weights[0], torch.randn(8, 3, 3, 3), weights[2]], biases, bn, bn2, groups=2)

@@ -207,7 +207,7 @@ def test_sync_batch_norm_is_never_bypassed_by_the_fused_path(monkeypatch):
     """Under DDP a SyncBatchNorm synchronises its statistics in its forward: the model must call it
     (the fused op would read its parameters and normalise per GPU)."""
     from dinocxr_fast.models.vitaev2 import CONFIGS, ViTAEv2
-    conv_mod = importlib.import_module("dinocxr_fast.ops.conv_bn_act")
+    from dinocxr_fast.models import layers
 
     torch.manual_seed(0)
     model = ViTAEv2(CONFIGS["vitaev2_tiny"]).train()
@@ -217,13 +217,13 @@ def test_sync_batch_norm_is_never_bypassed_by_the_fused_path(monkeypatch):
     seen = []
     monkeypatch.setattr(torch.nn.SyncBatchNorm, "forward",
                         lambda self, x, _f=torch.nn.SyncBatchNorm.forward: seen.append(1) or _f(self, x))
-    real_pcm = conv_mod.pcm
-    monkeypatch.setattr(conv_mod, "pcm", lambda *a, **k: pytest.fail("the fused PCM ran on SyncBatchNorm"))
+    real_pcm = layers.pcm
+    monkeypatch.setattr(layers, "pcm", lambda *a, **k: pytest.fail("the fused PCM ran on SyncBatchNorm"))
     x = torch.randn(2, 1, 32, 32)
     got = synced(x)
     n_bn = sum(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
     assert n_bn > 0 and len(seen) == n_bn
-    monkeypatch.setattr(conv_mod, "pcm", real_pcm)
+    monkeypatch.setattr(layers, "pcm", real_pcm)
     torch.testing.assert_close(got, ref(x), rtol=1e-4, atol=1e-5)
     for a, b in zip(synced.buffers(), ref.buffers()):
         torch.testing.assert_close(a, b)

@@ -18,6 +18,7 @@ from dinocxr_fast.ops.bn_act import bn_act_cpu
 from dinocxr_fast.ops.conv_bn_act import conv_bn_act, conv_bn_act_reference
 
 conv_mod = importlib.import_module("dinocxr_fast.ops.conv_bn_act")
+pcm_mod = importlib.import_module("dinocxr_fast.ops.pcm")
 bn_act_mod = importlib.import_module("dinocxr_fast.ops.bn_act")
 
 pytestmark = pytest.mark.skipif(not _ext.has_cpp(), reason="the C++ extension is not built")
@@ -116,6 +117,27 @@ def test_running_statistics_after_several_steps():
                momentum=0.3)
     torch.testing.assert_close(got[2], want[2].float(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[3], want[3].float(), rtol=1e-5, atol=1e-6)  # unbiased variance
+
+
+@pytest.mark.parametrize("first, second", [("torch", "cpp"), ("cpp", "torch"), ("cpp", "cpp")])
+def test_one_batchnorm_on_two_backends_in_one_graph_backpropagates(first, second):
+    """A BatchNorm can run on the vendor path and then on cpp in one step (auto decides per shape:
+    the global and the local crops). F.batch_norm saved the running statistics for its backward, so
+    the fused path must update them without bumping their autograd version (ops/bn_act.py)."""
+    def step(backends):
+        torch.manual_seed(0)
+        w = torch.randn(8, 4, 3, 3, requires_grad=True)
+        gamma, beta = torch.ones(8, requires_grad=True), torch.zeros(8, requires_grad=True)
+        stats = torch.zeros(8), torch.ones(8)
+        kw = dict(bn_weight=gamma, bn_bias=beta, running_mean=stats[0], running_var=stats[1], training=True,
+                  activation="silu")
+        xs = torch.randn(2, 6, 6, 4), torch.randn(2, 5, 5, 4)
+        loss = sum(conv_bn_act(x, w, backend=b, **kw).square().sum() for x, b in zip(xs, backends))
+        loss.backward()
+        return w.grad, gamma.grad, beta.grad, *stats
+
+    for got, want in zip(step((first, second)), step(("torch", "torch"))):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_large_mean_is_normalised_accurately():
@@ -337,12 +359,12 @@ def _pcm_case(dtype, *, groups=2, seed=3):
 
 @pytest.mark.parametrize("training", [True, False])
 def test_pcm_chain_on_cpp_matches_fp64_reference(training):
-    pcm_op = conv_mod.pcm
+    pcm_op = pcm_mod.pcm
     got_in, want_in = _pcm_case(torch.float32), _pcm_case(torch.float64)
     strides = (2, 1, 1)
     got = pcm_op(got_in[0], got_in[1], got_in[2], *got_in[3], strides=strides, groups=2, training=training,
                  backend="cpp")
-    want = conv_mod.pcm_reference(want_in[0], want_in[1], want_in[2], *want_in[3], strides=strides, groups=2,
+    want = pcm_mod.pcm_reference(want_in[0], want_in[1], want_in[2], *want_in[3], strides=strides, groups=2,
                                   training=training)
     torch.testing.assert_close(got, want.float(), rtol=2e-5, atol=2e-5)
     grad = torch.randn(got.shape, generator=torch.Generator().manual_seed(9))
@@ -360,16 +382,16 @@ def test_pcm_chain_on_cpp_matches_fp64_reference(training):
 
 def test_pcm_auto_on_cpu_takes_cpp_once_verified_and_cpp_refuses_bf16(monkeypatch):
     calls = []
-    real = conv_mod._pcm_chain
-    monkeypatch.setattr(conv_mod, "_pcm_chain", lambda *a: calls.append(a[-1]) or real(*a))
+    real = pcm_mod._pcm_chain
+    monkeypatch.setattr(pcm_mod, "_pcm_chain", lambda *a: calls.append(a[-1]) or real(*a))
     x, weights, biases, bns = _pcm_case(torch.float32)
-    conv_mod.pcm(x, weights, biases, *bns, groups=2, training=True)
+    pcm_mod.pcm(x, weights, biases, *bns, groups=2, training=True)
     assert calls == []  # not verified on this machine: the vendor path
     monkeypatch.setattr(_dispatch, "_auto_backend", lambda op, device, names, case: "cpp")  # as if verified
-    conv_mod.pcm(x, weights, biases, *bns, groups=2, training=True)
+    pcm_mod.pcm(x, weights, biases, *bns, groups=2, training=True)
     assert calls == ["cpp"]
     xb, wb, bb, bnb = _pcm_case(torch.bfloat16)
-    out = conv_mod.pcm(xb, wb, bb, *bnb, groups=2, training=True)  # auto: each conv falls back
+    out = pcm_mod.pcm(xb, wb, bb, *bnb, groups=2, training=True)  # auto: each conv falls back
     assert out.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="x"):
-        conv_mod.pcm(xb, wb, bb, *bnb, groups=2, training=True, backend="cpp")
+        pcm_mod.pcm(xb, wb, bb, *bnb, groups=2, training=True, backend="cpp")

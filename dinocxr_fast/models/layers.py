@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 
 from dinocxr_fast.ops.attention import attention, attention_probs, window_attention
-from dinocxr_fast.ops.conv_bn_act import activate, conv_bn_act, pcm_modules
+from dinocxr_fast.ops.conv_bn_act import activate, conv_bn_act
+from dinocxr_fast.ops.pcm import pcm
 
 
 class DropPath(nn.Module):
@@ -54,27 +55,33 @@ class ConvBNAct(nn.Module):
         self.bn = nn.BatchNorm2d(out_chans) if norm else None
         self.activation = activation
 
+    @property
+    def fusable(self) -> bool:
+        """False for a SyncBatchNorm: its forward synchronises the batch statistics across ranks,
+        and a fused kernel that reads its parameters would normalise with this rank's only."""
+        return not isinstance(self.bn, nn.SyncBatchNorm)
+
+    def bn_arguments(self) -> dict:
+        """The BatchNorm as the fused ops take it, for one forward pass: counts the batch in
+        ``num_batches_tracked`` as ``nn.BatchNorm2d`` does (``momentum=None`` reads it). The
+        BatchNorm's own mode decides, so freezing it with ``bn.eval()`` works as usual."""
+        bn = self.bn
+        momentum = bn.momentum
+        if bn.training:
+            bn.num_batches_tracked.add_(1)
+            if momentum is None:
+                momentum = 1.0 / float(bn.num_batches_tracked)
+        return dict(bn_weight=bn.weight, bn_bias=bn.bias, running_mean=bn.running_mean, running_var=bn.running_var,
+                    eps=bn.eps, momentum=momentum or 0.0, training=bn.training)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv, bn = self.conv, self.bn
-        if isinstance(bn, nn.SyncBatchNorm):
-            # Its forward synchronises the batch statistics across ranks; a fused kernel reading its
-            # parameters would normalise with this rank's statistics only. Unfused, channels last.
+        if not self.fusable:  # unfused, channels last
             y = bn(conv(x.permute(0, 3, 1, 2)))
             return activate(y, self.activation).permute(0, 2, 3, 1).contiguous()
-        kwargs = {}
-        if bn is not None:
-            # The BatchNorm's own mode decides, so freezing it with bn.eval() works as usual.
-            momentum = bn.momentum
-            if bn.training:
-                bn.num_batches_tracked.add_(1)  # as nn.BatchNorm2d does; momentum=None reads it
-                if momentum is None:
-                    momentum = 1.0 / float(bn.num_batches_tracked)
-            kwargs = dict(bn_weight=bn.weight, bn_bias=bn.bias, running_mean=bn.running_mean,
-                          running_var=bn.running_var, eps=bn.eps, momentum=momentum or 0.0,
-                          training=bn.training)
         return conv_bn_act(
             x, conv.weight, conv.bias, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
-            groups=conv.groups, activation=self.activation, **kwargs,
+            groups=conv.groups, activation=self.activation, **(self.bn_arguments() if bn is not None else {}),
         )
 
     def extra_repr(self) -> str:
@@ -97,8 +104,17 @@ class ParallelConv(nn.Module):
         self.conv3 = ConvBNAct(c2, c3, stride=strides[2], groups=groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        convs = (self.conv1, self.conv2, self.conv3)
+        if not all(m.fusable for m in convs):  # a SyncBatchNorm (convert_sync_batchnorm): module by module
+            return self.conv3(self.conv2(self.conv1(x)))
         # One op for the chain: the CUDA backend normalises in the next conv's prologue.
-        return pcm_modules(x, self.conv1, self.conv2, self.conv3)
+        bns = [m.bn_arguments() for m in convs[:2]]
+        return pcm(
+            x, [m.conv.weight for m in convs], [m.conv.bias for m in convs],
+            *[(b["bn_weight"], b["bn_bias"], b["running_mean"], b["running_var"], b["eps"], b["momentum"]) for b in bns],
+            strides=[m.conv.stride[0] for m in convs], groups=self.conv1.conv.groups,
+            training=(bns[0]["training"], bns[1]["training"]),
+        )
 
 
 class PyramidReduction(nn.Module):

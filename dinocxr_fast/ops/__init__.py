@@ -9,6 +9,7 @@ from dinocxr_fast.ops.attention import (
 from dinocxr_fast.ops.center import update_center, update_center_reference
 from dinocxr_fast.ops.conv_bn_act import conv_bn_act, conv_bn_act_reference
 from dinocxr_fast.ops.dino_loss import dino_loss, dino_loss_and_teacher_sum, dino_loss_reference
+from dinocxr_fast.ops.pcm import pcm, pcm_reference
 
 __all__ = [
     "attention",
@@ -19,6 +20,8 @@ __all__ = [
     "dino_loss",
     "dino_loss_and_teacher_sum",
     "dino_loss_reference",
+    "pcm",
+    "pcm_reference",
     "update_center",
     "update_center_reference",
     "window_attention",

@@ -93,6 +93,12 @@ def randn(gen: torch.Generator, shape, device, dtype=torch.float32, *, scale=1.0
     return t.requires_grad_(grad)
 
 
+def leaves(inputs: dict) -> dict:
+    """``inputs`` with every tensor made a leaf (``randn(...) + 1`` is not one), keeping requires_grad."""
+    return {k: v.detach().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v
+            for k, v in inputs.items()}
+
+
 def forward_backward(fn: Callable[[], Any], inputs: Mapping[str, Any]) -> list[torch.Tensor]:
     """``fn()``'s outputs, then the gradients of every input that requires one, for the upstream
     gradient cos(i) over the flattened outputs (fixed, so every backend sees the same)."""
