@@ -13,7 +13,14 @@ from PIL import Image
 
 from data_helpers import graph_ops, jpeg_bytes, make_dicom, png_bytes
 from dinocxr_fast import prepare as prepare_cli
-from dinocxr_fast.data import ImageFolderSource, ViewsConfig, build_eval_loader, build_pretrain_loader, dali_available
+from dinocxr_fast.data import (
+    ImageFolderSource,
+    ViewsConfig,
+    build_eval_loader,
+    build_pretrain_loader,
+    dali_available,
+    label_fraction,
+)
 from dinocxr_fast.data.imageio import decode_pil, load_encoded
 from dinocxr_fast.data.prepared import PreparedDataset, is_prepared, shard_name, verify
 from dinocxr_fast.data import prepared_write as pw
@@ -71,7 +78,7 @@ def test_round_trip_pixels_labels_patients(tree, tmp_path):
     ref = ImageFolderSource(tree / "train")
     assert [(s.path, s.label, s.patient_id) for s in train.samples] == [(s.path, s.label, s.patient_id) for s in ref.samples]
     # a label-fraction subset keeps the link to the stored pixels
-    sub = train.label_fraction(0.5, 0)
+    sub = label_fraction(train, 0.5, 0)
     pixels, info = sub.read_pixels(0)
     assert pixels.shape == (info.height, info.width)
     assert ds.source("val", classes=["pneumonia", "normal"], labelled=True).samples[0].label == 1

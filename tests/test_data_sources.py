@@ -17,6 +17,7 @@ from dinocxr_fast.data import (
     Sample,
     Source,
     kermany_patient_id,
+    label_fraction,
     label_fraction_subset,
     source_from_config,
     split_by_patient,
@@ -129,13 +130,13 @@ def _patients(n_patients=60, seed=0):
 
 def test_label_fraction_is_stratified_and_reproducible():
     src = ImageFolderSource(cxr_sample() / "train")
-    sub = src.label_fraction(0.1, seed=0)
+    sub = label_fraction(src, 0.1, seed=0)
     assert sub.class_counts() == {"normal": 8, "pneumonia": 8}
-    assert sub.samples == src.label_fraction(0.1, seed=0).samples
-    assert sub.samples != src.label_fraction(0.1, seed=1).samples
-    tiny = src.label_fraction(0.01, seed=0)
+    assert sub.samples == label_fraction(src, 0.1, seed=0).samples
+    assert sub.samples != label_fraction(src, 0.1, seed=1).samples
+    tiny = label_fraction(src, 0.01, seed=0)
     assert tiny.class_counts() == {"normal": 1, "pneumonia": 1}  # never an empty class
-    assert src.label_fraction(1.0).samples == src.samples
+    assert label_fraction(src, 1.0).samples == src.samples
 
 
 def test_label_fraction_never_splits_a_patient_and_ignores_input_order():

@@ -16,7 +16,7 @@ Layout (one job per module):
 from .config import EvalConfig, ViewsConfig, ViewSpec
 from .imageio import CorruptImageError
 from .loaders import (
-    EvalLoader,
+    LabelledLoader,
     PretrainLoader,
     build_eval_loader,
     build_pretrain_loader,
@@ -25,7 +25,7 @@ from .loaders import (
 )
 from .samples import UNLABELLED, DatasetError, Sample, Source
 from .sources import CsvSource, DicomSource, ImageFolderSource, kermany_patient_id, source_from_config
-from .subsets import label_fraction_subset, split_by_patient
+from .subsets import label_fraction, label_fraction_subset, split_by_patient
 from .synthetic import SyntheticSource, render_phantom
 
 __all__ = [
@@ -34,7 +34,7 @@ __all__ = [
     "DatasetError",
     "DicomSource",
     "EvalConfig",
-    "EvalLoader",
+    "LabelledLoader",
     "ImageFolderSource",
     "PretrainLoader",
     "Sample",
@@ -48,6 +48,7 @@ __all__ = [
     "build_train_loader",
     "dali_available",
     "kermany_patient_id",
+    "label_fraction",
     "label_fraction_subset",
     "render_phantom",
     "source_from_config",

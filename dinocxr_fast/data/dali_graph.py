@@ -109,7 +109,6 @@ def _eval_view(img, roi, cfg: EvalConfig, full: float = U16_MAX):
     """Resize the centre-crop box to crop x crop, normalise (the 1/65535 folded into mean/std)."""
     from nvidia.dali import fn
 
-    types = _types()
     v = fn.resize(
         img,
         roi_start=roi[0:2],

@@ -192,9 +192,10 @@ class PretrainLoader(_EpochLoader):
         return outputs
 
 
-class EvalLoader(_EpochLoader):
+class LabelledLoader(_EpochLoader):
     """Yields (images [B, C, H, W], labels [B] int64) per step, labels on the device. With an
-    EvalConfig the images are the eval transform; with a one-view ViewsConfig, augmented crops."""
+    EvalConfig the images are the eval transform (``build_eval_loader``); with a one-view
+    ViewsConfig, augmented crops for supervised training (``build_train_loader``)."""
 
     def _format(self, pb: PreparedBatch, outputs: list[torch.Tensor]):
         return outputs[0], torch.from_numpy(pb.labels).to(self.device)
@@ -239,7 +240,7 @@ def build_eval_loader(
     shuffle: bool = False,
     seed: int = 0,
     drop_last: bool = False,
-) -> EvalLoader:
+) -> LabelledLoader:
     """(images, labels) with the evaluation transform; every sample once per epoch over the shards.
 
     An unreadable file is dropped from its batch (the batch gets smaller), so labels stay true.
@@ -248,7 +249,7 @@ def build_eval_loader(
     """
     if not source.labelled:
         raise DatasetError(f"{source.root}: the eval loader needs labelled samples")
-    return EvalLoader(
+    return LabelledLoader(
         source, eval_cfg or EvalConfig(), batch_size, device=device, shard_id=shard_id,
         num_shards=num_shards, seed=seed, backend=backend, num_threads=num_threads, shuffle=shuffle,
         drop_last=drop_last, on_bad="drop",
@@ -267,7 +268,7 @@ def build_train_loader(
     backend: str = "dali",
     num_threads: int = 2,
     drop_last: bool = True,
-) -> EvalLoader:
+) -> LabelledLoader:
     """(images, labels) with one augmented view per image, for fine-tuning and linear probes.
 
     ``view`` is a ViewsConfig with exactly one view (e.g. RRC + flip only:
@@ -278,7 +279,7 @@ def build_train_loader(
         raise DatasetError(f"{source.root}: the training loader needs labelled samples")
     if view.n_views != 1:
         raise ValueError(f"build_train_loader takes a ViewsConfig with one view, got {view.n_views}")
-    return EvalLoader(
+    return LabelledLoader(
         source, view, batch_size, device=device, shard_id=shard_id, num_shards=num_shards, seed=seed,
         backend=backend, num_threads=num_threads, shuffle=True, drop_last=drop_last, on_bad="drop",
     )

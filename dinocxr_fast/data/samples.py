@@ -71,12 +71,6 @@ class Source:
         """The same images with labels dropped: pretraining input."""
         return Source((Sample(s.path, UNLABELLED, s.patient_id) for s in self.samples), (), self.root)
 
-    def label_fraction(self, fraction: float, seed: int = 0) -> "Source":
-        """Stratified, patient-grouped, seeded subset; see ``subsets.label_fraction_subset``."""
-        from .subsets import label_fraction_subset
-
-        return self.with_samples(label_fraction_subset(self.samples, fraction, seed))
-
     def class_counts(self) -> dict[str, int]:
         counts = {c: 0 for c in self.classes}
         for s in self.samples:

@@ -10,6 +10,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from .imageio import IMAGE_EXTENSIONS, dicom_patient_id
 from .samples import UNLABELLED, DatasetError, Sample, Source
+from .subsets import label_fraction
 
 log = logging.getLogger("dinocxr_fast.data")
 PatientFn = Callable[[str], "str | None"]
@@ -231,5 +232,5 @@ def source_from_config(cfg: Mapping[str, Any]) -> Source:
     else:
         raise ValueError(f"unknown source kind {kind!r} (imagefolder, dicom, csv, covidx, synthetic)")
     if fraction is not None and float(fraction) < 1.0:
-        src = src.label_fraction(float(fraction), int(label_seed))
+        src = label_fraction(src, float(fraction), int(label_seed))
     return src.unlabelled() if unlabelled else src

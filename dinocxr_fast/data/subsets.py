@@ -11,7 +11,7 @@ import hashlib
 from collections import Counter, defaultdict
 from typing import Sequence
 
-from .samples import Sample
+from .samples import Sample, Source
 
 
 def patient_key(sample: Sample) -> str:
@@ -66,3 +66,8 @@ def split_by_patient(samples: Sequence[Sample], fraction: float, seed: int = 0) 
 def label_fraction_subset(samples: Sequence[Sample], fraction: float, seed: int = 0) -> list[Sample]:
     """The labelled subset for a label-fraction experiment (stratified, seeded, by patient)."""
     return split_by_patient(samples, fraction, seed)[0]
+
+
+def label_fraction(source: Source, fraction: float, seed: int = 0) -> Source:
+    """``source`` cut to a stratified, patient-grouped, seeded share (``label_fraction_subset``)."""
+    return source.with_samples(label_fraction_subset(source.samples, fraction, seed))

@@ -16,6 +16,7 @@ from dinocxr_fast.data import (
     SyntheticSource,
     ViewsConfig,
     dali_available,
+    label_fraction,
 )
 from dinocxr_fast.data.prepared import INDEX, PreparedDataset, PreparedSource, is_prepared
 
@@ -186,7 +187,7 @@ def supervised_sources(data_cfg: dict) -> tuple[Source, Source, Source, str]:
         train, val = train.with_samples(rest), train.with_samples(held_out)
         test, test_split = split_source(root, val_split, classes), val_split
     if fraction < 1.0:
-        train = train.label_fraction(fraction, int(data_cfg["label_seed"]))
+        train = label_fraction(train, fraction, int(data_cfg["label_seed"]))
     for name, source in (("training", train), ("validation", val), ("test", test)):
         empty = [c for c, n in source.class_counts().items() if n == 0]
         if empty:  # AUC, balanced accuracy and class weights need every class

@@ -50,14 +50,6 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
-def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        t = t.clone()
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return t
-
-
 _FLAG_GROUP = None
 
 
