@@ -32,7 +32,7 @@ from dinocxr_fast.data import (
     build_pretrain_loader,
     build_train_loader,
 )
-from dinocxr_fast.data.config import GRAY_MEAN, GRAY_STD
+from dinocxr_fast.data.views import GRAY_MEAN, GRAY_STD
 
 BACKENDS = ["dali", "torch"]
 LO, HI = (0 - GRAY_MEAN) / GRAY_STD, (1 - GRAY_MEAN) / GRAY_STD  # normalised [0, 1]

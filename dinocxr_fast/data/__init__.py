@@ -6,14 +6,14 @@ Layout (one job per module):
   synthetic   procedural chest phantoms, SyntheticSource (the default dataset)
   subsets     label-fraction subsets and patient-grouped splits
   imageio     reading, format probes and integrity checks, DICOM decoding
-  config      ViewsConfig / ViewSpec (pretraining views), EvalConfig
+  views       ViewsConfig / ViewSpec (pretraining views), EvalConfig (the evaluation transform)
   planning    epoch order, sharding and every augmentation parameter, from (seed, epoch, index)
   assemble    batch preparation: reads, skips unreadable files, plans
   dali_graph  the DALI graphs; dali_runner runs them
   torch_ops   the same transforms with PIL + torch; torch_runner runs them in DataLoader workers
   loaders     build_pretrain_loader / build_eval_loader / build_train_loader: what the trainer uses
 """
-from .config import EvalConfig, ViewsConfig, ViewSpec
+from .views import EvalConfig, ViewsConfig, ViewSpec
 from .imageio import CorruptImageError
 from .loaders import (
     LabelledLoader,

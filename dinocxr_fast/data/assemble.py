@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .config import EvalConfig, ViewsConfig
+from .views import EvalConfig, ViewsConfig
 from .imageio import CorruptImageError, ImageInfo, load_encoded, policy
 from .planning import N_PARAMS, BatchSpec, eval_roi, plan_views
 from .samples import DatasetError, Source

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .config import EvalConfig, ViewSpec, ViewsConfig
+from .views import EvalConfig, ViewSpec, ViewsConfig
 from .planning import BRIGHTNESS, CONTRAST, FLIP, SIGMA, SOLARIZE, WINDOW
 
 U16_MAX = 65535.0

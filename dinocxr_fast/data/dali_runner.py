@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .assemble import BatchAssembler, PreparedBatch
-from .config import EvalConfig, ViewsConfig
+from .views import EvalConfig, ViewsConfig
 from .dali_graph import build_decode_check, build_pipeline
 from .imageio import pgm_bytes
 from .prepared import pixels_to_u16

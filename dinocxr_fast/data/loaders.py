@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .assemble import BatchAssembler, PreparedBatch, SkipLog
-from .config import EvalConfig, ViewsConfig
+from .views import EvalConfig, ViewsConfig
 from .planning import BatchSpec, epoch_order, shard_batches
 from .samples import DatasetError, Source
 

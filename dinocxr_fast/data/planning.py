@@ -14,7 +14,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from .config import EvalConfig, ViewSpec
+from .views import EvalConfig, ViewSpec
 
 # Columns of the per-view parameter rows handed to the pipelines (float32).
 Y0, X0, Y1, X1, FLIP, BRIGHTNESS, CONTRAST, SIGMA, WINDOW, SOLARIZE = range(10)

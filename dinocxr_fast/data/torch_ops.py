@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import EvalConfig, ViewSpec, ViewsConfig
+from .views import EvalConfig, ViewSpec, ViewsConfig
 from .planning import BRIGHTNESS, CONTRAST, FLIP, SIGMA, SOLARIZE, WINDOW, X0, X1, Y0, Y1
 
 _FILTERS = {"bicubic": 3, "bilinear": 2}  # PIL.Image.Resampling.BICUBIC / BILINEAR

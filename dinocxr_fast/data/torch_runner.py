@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .assemble import BatchAssembler, PreparedBatch
-from .config import EvalConfig, ViewsConfig
+from .views import EvalConfig, ViewsConfig
 from .imageio import CorruptImageError, decode_pil
 from .planning import BatchSpec
 from .prepared import pixels_to_pil
