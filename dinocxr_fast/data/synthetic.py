@@ -8,7 +8,7 @@ linear probe on the pixels separates the classes.
 
 The ``subtle`` variant (the default run's kNN monitor, see ``VARIANTS``) draws the same anatomy with
 two smaller, fainter opacities and a wide exposure range: a randomly initialised network no longer
-separates its classes from the image's overall brightness (kNN on its features: 0.56-0.62 where the
+separates its classes from the image's overall brightness (kNN on its features: 0.52-0.64 where the
 standard phantoms give 0.91), so a rise of the kNN accuracy on it is something pretraining learned.
 
 Images are rendered deterministically from (seed, index) and either written once as PNGs to a
