@@ -22,7 +22,7 @@ from dinocxr_fast.dino.koleo import koleo_loss
 from dinocxr_fast.dino import build as dino_build
 from dinocxr_fast.dino.ema import ema_lerp, ema_pairs
 from dinocxr_fast.dino.knn import knn_accuracy
-from dinocxr_fast.dino.monitor import CollapseWatch, collapse_stats
+from dinocxr_fast.dino.monitor import CollapseWatch, collapse_stats, knn_noise_margin, learning_verdict
 from dinocxr_fast.ops._checks import NonFiniteInputError
 from dinocxr_fast.runtime import checkpoint as ckpt
 from dinocxr_fast.runtime import data as data_setup
@@ -32,7 +32,10 @@ from dinocxr_fast.runtime.job import NonFiniteLossError, StopReason, TrainingJob
 from dinocxr_fast.runtime.metrics import Progress
 
 log = logging.getLogger("dinocxr_fast.train")
-KNN_PHANTOMS = 64  # labelled phantoms per kNN split of the default run
+# The kNN monitor of a run on the phantoms (train.knn_data: auto): this many labelled phantoms per
+# split, of the 'subtle' variant (data/synthetic.py), on which random features are near chance.
+KNN_PHANTOMS = 256
+KNN_VARIANT = "subtle"
 
 
 class PretrainJob(TrainingJob):
@@ -256,7 +259,7 @@ class PretrainJob(TrainingJob):
     # ---- kNN monitor ---------------------------------------------------------------------------
     def knn_sources(self):
         """(train, val, name) of the kNN monitor: train.knn_data's ImageFolder, or with 'auto' and
-        pretraining on the phantoms, labelled phantoms the pretraining never saw; None: off."""
+        pretraining on the phantoms, labelled 'subtle' phantoms the pretraining never saw; None: off."""
         t, d = self.cfg["train"], self.cfg["data"]
         choice = t["knn_data"]
         if not choice or (choice == "auto" and d.get("path") is not None):
@@ -265,8 +268,9 @@ class PretrainJob(TrainingJob):
             from dinocxr_fast.data import SyntheticSource  # noqa: PLC0415
 
             size, seed = int(d["synthetic_size"]), int(t["seed"])
-            return (SyntheticSource(KNN_PHANTOMS, size, seed=seed + 1000), SyntheticSource(KNN_PHANTOMS, size, seed=seed + 2000),
-                    "held-out phantoms")
+            return (SyntheticSource(KNN_PHANTOMS, size, seed=seed + 1000, variant=KNN_VARIANT),
+                    SyntheticSource(KNN_PHANTOMS, size, seed=seed + 2000, variant=KNN_VARIANT),
+                    f"held-out {KNN_VARIANT} phantoms")
         return data_setup.labelled_split(choice, "train"), data_setup.labelled_split(choice, "val"), f"{choice}/val"
 
     @torch.no_grad()
@@ -390,26 +394,32 @@ class PretrainJob(TrainingJob):
         return lines
 
     def learning_lines(self, last: dict | None) -> list[str]:
-        """The run's own quality signal: loss against its start and log K, the kNN trace, and the
-        collapse monitor's warnings."""
+        """The run's own quality signal: loss against its start and log K, the kNN trace against its
+        noise margin, and the collapse monitor's warnings; then the verdict (monitor.learning_verdict)."""
         log_k = self.collapse_watch.log_k
-        lines, learned = [], []
+        lines = []
+        loss = None
         if self.first_loss is not None and last is not None:
-            start, end = self.first_loss[1], float(last["loss"])
-            lines.append(f"- loss: {start:.3f} at step {self.first_loss[0]} -> {end:.3f} at step {self.step} "
+            loss = (self.first_loss[1], float(last["loss"]))
+            lines.append(f"- loss: {loss[0]:.3f} at step {self.first_loss[0]} -> {loss[1]:.3f} at step {self.step} "
                          f"(log K = {log_k:.3f}: uniform outputs)")
-            learned.append(end < start and end < 0.97 * log_k)
+        knn = None
         if len(self.knn_trace) >= 2:
             (s0, a0), (s1, a1) = self.knn_trace[0], self.knn_trace[-1]
+            sources = self.knn_sources()
+            n_val = len(sources[1])
+            knn = (a0, a1, n_val)
             trace = ", ".join(f"{a:.3f}" for _, a in self.knn_trace)
-            lines.append(f"- kNN accuracy on {self.knn_sources()[2]}: {a0:.3f} at step {s0} -> {a1:.3f} at step {s1} "
-                         f"(trace: {trace})")
-            learned.append(a1 > a0)
+            lines.append(f"- kNN accuracy on {sources[2]} ({len(sources[0])} labelled, {n_val} scored): {a0:.3f} at "
+                         f"step {s0} -> {a1:.3f} at step {s1}, {a1 - a0:+.3f} (noise margin "
+                         f"{knn_noise_margin(a0, a1, n_val):.3f}; trace: {trace})")
         lines += [f"- WARNING {w}" for w in self.collapse_watch.warnings] or ["- collapse monitor: no warning"]
-        if learned:
-            verdict = "yes" if all(learned) and not self.collapse_watch.warnings else "no"
-            lines.append(f"- learned: {verdict} (yes means: the loss ended below its start and below log K"
-                         + (", the kNN accuracy rose" if len(learned) > 1 else "") + ", no collapse warning)")
+        if loss is not None:
+            ok, reasons = learning_verdict(loss[0], loss[1], log_k, self.collapse_watch.warnings, knn)
+            lines.append(f"- learned: {'yes' if ok else 'no'}" + ("" if ok else f" ({'; '.join(reasons)})"))
+            lines.append("  (yes means: the loss ended below its start and below 0.97 log K"
+                         + (", the kNN accuracy rose by more than its noise margin" if knn else "")
+                         + ", no collapse warning)")
         return lines
 
     @torch.no_grad()

@@ -1,7 +1,7 @@
 """``python -m dinocxr_fast.train [pretrain] [options]``: the DINO-CXR trainer.
 
 With no arguments it pretrains vitaev2_tiny on the embedded synthetic chest phantoms (the
-``tiny_cpu`` preset: a couple of minutes on a CPU, no download) and leaves a run folder with
+``tiny_cpu`` preset: about 3 minutes on a 2-core CPU, no download) and leaves a run folder with
 checkpoints, metrics, TensorBoard events and a summary. ``--data PATH --preset
 dino_cxr_vitaev2_s`` on a GPU is the paper's run. Multi-GPU: ``torchrun --nproc_per_node N -m
 dinocxr_fast.train ...``.

@@ -4,12 +4,13 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from dinocxr_fast.data import EvalConfig, SyntheticSource, build_eval_loader, render_phantom
-from dinocxr_fast.data.synthetic import CLASSES
+from dinocxr_fast.data.synthetic import CLASSES, render_uri
 
 
 def test_phantoms_are_deterministic_and_look_like_chests():
@@ -70,3 +71,53 @@ def test_a_linear_probe_learns_the_two_classes():
     pred = (torch.cat([xte, torch.ones(len(xte), 1)], 1).double() @ w > 0).long()
     accuracy = (pred == yte).float().mean().item()
     assert accuracy >= 0.9, accuracy
+
+
+def _best_threshold_accuracy(values: np.ndarray, labels: np.ndarray) -> float:
+    """The best accuracy any single threshold on ``values`` reaches (in sample: optimistic)."""
+    return max(max(((values > t) == labels).mean(), ((values <= t) == labels).mean()) for t in np.unique(values))
+
+
+def test_subtle_variant_hides_the_brightness_shortcut_but_keeps_the_lesion():
+    """The kNN monitor's phantoms: the label is not readable from the image's overall brightness
+    (it is from the standard phantoms), yet label 1 still adds density inside the lungs."""
+    n = 300
+    labels = np.arange(n) % 2
+    standard = np.array([render_phantom(7, i, i % 2, 64).mean() for i in range(n)])
+    subtle = np.array([render_phantom(7, i, i % 2, 64, "subtle").mean() for i in range(n)])
+    assert _best_threshold_accuracy(standard, labels) > 0.66  # measured 0.71 (400 images, 128 px)
+    assert _best_threshold_accuracy(subtle, labels) < 0.62  # measured 0.54
+    for i in range(8):  # the two labels of one (seed, index) share everything but the opacities
+        normal = render_phantom(0, i, 0, 96, "subtle").astype(int)
+        sick = render_phantom(0, i, 1, 96, "subtle").astype(int)
+        big = render_phantom(0, i, 1, 96).astype(int) - render_phantom(0, i, 0, 96).astype(int)
+        diff = sick - normal
+        assert diff.min() >= -2 and diff[25:75].max() > 15  # a visible opacity ...
+        assert diff.sum() < big.sum()  # ... fainter and smaller than the standard phantoms' ones
+        assert np.abs(diff[:, :6]).max() == 0 and np.abs(diff[88:]).max() <= 2  # in the lungs only
+
+
+def test_subtle_variant_is_deterministic_and_shares_the_anatomy():
+    a = render_phantom(3, 5, 1, 64, "subtle")
+    np.testing.assert_array_equal(a, render_phantom(3, 5, 1, 64, "subtle"))
+    assert not np.array_equal(a, render_phantom(3, 6, 1, 64, "subtle"))
+    # label 0: the standard image under another exposure (gain and offset), the same anatomy and noise
+    x = render_phantom(3, 5, 0, 64).astype(float)
+    y = render_phantom(3, 5, 0, 64, "subtle").astype(float)
+    keep = (x > 5) & (x < 250) & (y > 5) & (y < 250)  # away from clipping
+    assert np.corrcoef(x[keep], y[keep])[0, 1] > 0.99
+    with pytest.raises(ValueError, match="unknown phantom variant"):
+        render_phantom(0, 0, 0, 32, "nope")
+
+
+def test_subtle_source_on_disk_and_in_memory(tmp_path):
+    disk = SyntheticSource(n=4, size=32, seed=1, cache_dir=tmp_path, variant="subtle")
+    standard = SyntheticSource(n=4, size=32, seed=1, cache_dir=tmp_path)
+    assert disk.root != standard.root and "subtle" in str(disk.root)
+    mem = SyntheticSource(n=4, size=32, seed=1, in_memory=True, variant="subtle")
+    for d, m in zip(disk.samples, mem.samples):
+        want = render_phantom(1, int(d.path[-10:-4]), d.label, 32, "subtle")
+        np.testing.assert_array_equal(np.asarray(Image.open(d.path)), want)
+        np.testing.assert_array_equal(render_uri(m.path), want)
+    with pytest.raises(ValueError, match="unknown phantom variant"):
+        SyntheticSource(n=4, size=32, in_memory=True, variant="nope")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dinocxr_fast.dino.build import fit_schedules, nominal_step_index
-from dinocxr_fast.dino.monitor import CollapseWatch, collapse_stats
+from dinocxr_fast.dino.monitor import CollapseWatch, collapse_stats, knn_noise_margin, learning_verdict
 from dinocxr_fast.dino.schedules import cosine_schedule
 
 K = 64
@@ -64,3 +64,27 @@ def test_fitted_schedules_keep_their_shape_and_end_at_the_final_value():
     assert peak == pytest.approx(0.2 * 25, abs=1)
     assert fit_schedules(nominal, 100) is nominal and fit_schedules(nominal, 500) is nominal
     assert nominal_step_index(24, 100, 25) == 99 and nominal_step_index(0, 100, 25) == 0
+
+
+def test_knn_noise_margin_is_two_standard_errors_of_the_difference():
+    assert knn_noise_margin(0.6, 0.75, 256) == pytest.approx(2 * math.sqrt((0.24 + 0.1875) / 256))
+    assert 0.07 < knn_noise_margin(0.6, 0.75, 256) < 0.09
+    assert knn_noise_margin(0.6, 0.75, 1024) == pytest.approx(knn_noise_margin(0.6, 0.75, 256) / 2)
+    assert knn_noise_margin(1.0, 1.0, 64) == pytest.approx(1 / 64)  # never zero
+
+
+def test_learning_verdict_needs_every_condition():
+    log_k = math.log(1024)
+    good = dict(loss_start=7.1, loss_end=5.0, log_k=log_k, warnings=[])
+    assert learning_verdict(**good) == (True, [])
+    assert learning_verdict(**good, knn=(0.6, 0.75, 256)) == (True, [])
+    ok, why = learning_verdict(**good, knn=(0.6, 0.65, 256))  # a rise within the noise
+    assert not ok and "noise margin" in why[0] and "+0.050" in why[0]
+    ok, why = learning_verdict(**good, knn=(0.9, 0.8, 256))
+    assert not ok and "-0.100" in why[0]
+    ok, why = learning_verdict(**{**good, "loss_end": 7.2})
+    assert not ok and any("did not fall" in w for w in why)
+    ok, why = learning_verdict(**{**good, "loss_start": 7.2, "loss_end": 6.8})  # fell, but stays near log K
+    assert not ok and why == [f"the loss ended near log K (6.800, uniform outputs: {log_k:.3f})"]
+    ok, why = learning_verdict(**{**good, "warnings": ["collapse at step 90: ..."]}, knn=(0.6, 0.8, 256))
+    assert not ok and why == ["the collapse monitor warned"]

@@ -27,7 +27,7 @@ FAST = [
     "--set", "optim.batch_size=4", "--set", "model.out_dim=256", "--set", "model.head_hidden_dim=64",
     "--set", "model.head_bottleneck_dim=32", "--set", "train.epochs=2", "--set", "train.log_every=1",
     "--set", "train.ckpt_every=3", "--set", "data.num_workers=1", "--set", "model.drop_path_rate=0.1",
-    "--set", "optim.warmup_epochs=1",
+    "--set", "optim.warmup_epochs=1", "--set", "train.knn_every=0",  # tiny_cpu's kNN monitor: its own test
     "--quiet",
 ]
 
@@ -208,6 +208,22 @@ def test_knn_monitor_on_cxr_sample(tmp_path):
     knn = [r for r in read_metrics(run) if "knn_acc" in r]
     # a baseline before the first step and one at the end of the (single) epoch
     assert [r["step"] for r in knn] == [0, 6] and all(0.0 <= r["knn_acc"] <= 1.0 for r in knn)
+
+
+def test_default_knn_monitor_and_the_learned_verdict_in_the_summary(tmp_path):
+    """tiny_cpu's kNN monitor (train.knn_data: auto): held-out subtle phantoms scored before the first
+    step and at the end; summary.md gives both, the noise margin and the verdict with its reasons."""
+    run = tmp_path / "run"
+    assert train.main(["--out", str(run), "--max-steps", "4", *FAST, "--set", "train.knn_data=auto",
+                       "--set", "train.knn_every=1", "--set", "train.knn_size=32"]) == 0
+    knn = [r for r in read_metrics(run) if "knn_acc" in r]
+    assert [r["step"] for r in knn] == [0, 4]
+    summary = (run / "summary.md").read_text()
+    assert "## Did it learn?" in summary
+    assert "kNN accuracy on held-out subtle phantoms (256 labelled, 256 scored)" in summary and "noise margin" in summary
+    verdict = next(line for line in summary.splitlines() if line.startswith("- learned: "))
+    # four steps learn nothing: the verdict is no, and says why
+    assert verdict.startswith("- learned: no (") and "kNN accuracy changed by" in verdict
 
 
 def test_sinkhorn_centering_and_koleo_train(tmp_path):
