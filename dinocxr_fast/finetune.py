@@ -22,10 +22,13 @@ from dinocxr_fast.data import build_eval_loader
 from dinocxr_fast.dino import build as dino_build
 from dinocxr_fast.evaluate import require_every_class, write_report
 from dinocxr_fast.metrics import classification_metrics
+from dinocxr_fast.runtime import backends
 from dinocxr_fast.runtime import data as data_setup
 from dinocxr_fast.runtime import distributed
 from dinocxr_fast.runtime.job import TrainingJob
 from dinocxr_fast.runtime.metrics import Progress
+
+EVAL_BATCH = 64  # images per batch of the validation and test scoring
 
 
 def layer_ids(model: torch.nn.Module) -> dict[str, int]:
@@ -95,6 +98,18 @@ class FinetuneJob(TrainingJob):
         self.model = build_classifier(m["arch"], in_chans, len(self.classes), float(m["drop_path_rate"]))
         self.pretrained_from = load_backbone(self.model, m["pretrained"])
         self.model.to(self.device)
+        # the fused ops of the training forward (batch statistics) and of the scoring forwards
+        eval_batches = sorted({min(EVAL_BATCH, len(s)) for s in (self.val_src, self.test_src)})
+
+        def calls():
+            out = backends.model_calls(self.model, batch=self.batch_size, channels=in_chans, size=int(d["image_size"]),
+                                       device=self.device, train=True, autocast=self.autocast)
+            for b in eval_batches:
+                out += backends.model_calls(self.model, batch=b, channels=in_chans, size=self.eval_cfg.crop,
+                                            device=self.device, autocast=self.autocast)
+            return out
+
+        self.backend_plan = backends.plan(calls, self.device, out_dir=self.run_dir, write=self.is_main)
         self.model_ddp = DistributedDataParallel(
             self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
         ) if self.dist.enabled else self.model
@@ -162,7 +177,7 @@ class FinetuneJob(TrainingJob):
 
     # ---- validation, best checkpoint, final report ----------------------------------------------
     def _loader(self, source):
-        return build_eval_loader(source, self.eval_cfg, 64, device=self.device,
+        return build_eval_loader(source, self.eval_cfg, EVAL_BATCH, device=self.device,
                                  backend=data_setup.loader_backend(self.cfg["data"]), num_threads=2)
 
     def _score(self, source) -> tuple[np.ndarray, np.ndarray]:

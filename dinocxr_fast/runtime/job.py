@@ -87,6 +87,8 @@ class TrainingJob:
         self.planned_steps: int | None = None
         # train.max_minutes is the wall time of the whole command: imports and set-up included
         self.t_start = command_start()
+        # the fused ops' backends planned for this run (runtime/backends.py), set by the subclass
+        self.backend_plan = None
 
     @property
     def total_steps(self) -> int:
@@ -353,6 +355,7 @@ class TrainingJob:
             ("device", f"{self.device}, {self.precision}, {self.dist.world_size} process(es)"),
             ("loader", self.loader.backend),
             *self.startup_fields(),
+            *([("backends", self.backend_plan.summary)] if self.backend_plan is not None else []),
             ("schedule", schedule),
             ("checkpoints", f"every {t['ckpt_every']} steps and at every epoch end, in {self.run_dir}"),
         ])
