@@ -116,13 +116,14 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tup
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader, autocast=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax probabilities and labels over one pass of an eval loader (fp32 on the CPU)."""
+def predict(model: nn.Module, loader, autocast=None, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax probabilities and labels over one pass of an eval loader (fp32 on the CPU); with
+    ``progress`` (runtime.metrics.Progress), one update per batch."""
     was_training = model.training
     model.eval()
     probs, labels = [], []
     try:
-        for images, y in loader:
+        for i, (images, y) in enumerate(loader, start=1):
             if autocast is not None:
                 with autocast():
                     logits = model(images)
@@ -130,6 +131,8 @@ def predict(model: nn.Module, loader, autocast=None) -> tuple[torch.Tensor, torc
                 logits = model(images)
             probs.append(torch.softmax(logits.float(), dim=1).cpu())
             labels.append(y.cpu())
+            if progress is not None:
+                progress.update(i, {"images": str(sum(len(p) for p in probs))})
     finally:
         model.train(was_training)
     return torch.cat(probs), torch.cat(labels)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -208,10 +209,14 @@ def check_split(root: Path, split: str | None) -> None:
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, out_dir: str | Path, *, split: str | None = None,
                         loader: str = "auto", n_boot: int = 1000, batch_size: int = 64, device: str = "auto",
-                        allow_one_class: bool = False) -> dict:
+                        allow_one_class: bool = False, show_progress: bool = False) -> dict:
+    """Score ``checkpoint`` on ``data`` (/``split``) into ``out_dir``; with ``show_progress`` (the
+    command line), a start-up block and a progress line per batch on stderr first."""
     from dinocxr_fast.classifier import load_classifier, predict  # noqa: PLC0415
     from dinocxr_fast.data import EvalConfig, build_eval_loader  # noqa: PLC0415
+    from dinocxr_fast.runtime import backends  # noqa: PLC0415
     from dinocxr_fast.runtime import data as data_setup  # noqa: PLC0415
+    from dinocxr_fast.runtime.metrics import Progress, print_startup  # noqa: PLC0415
 
     root = Path(data).expanduser()
     folder = root / split if split else root
@@ -221,16 +226,31 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, out_dir: str |
     source = data_setup.split_source(root, split, record["classes"])
     eval_cfg = EvalConfig.from_dict(record["eval"])
     backend = data_setup.loader_backend({"loader": loader})
+    out_dir = Path(out_dir)
+    m = record["model"]
+    if show_progress:
+        plan = backends.plan(lambda: backends.model_calls(
+            model, batch=min(batch_size, max(len(source), 1)), channels=int(m["in_chans"]), size=eval_cfg.crop,
+            device=dev), dev, out_dir=out_dir)
+        print_startup("evaluation", [
+            ("report folder", out_dir), ("device", f"{dev}, fp32"), ("loader", backend),
+            ("model", f"{m['arch']} from {checkpoint}, classes {list(record['classes'])}"),
+            ("data", f"{len(source)} images from {folder}"),
+            ("backends", plan.summary),
+            ("work", f"{math.ceil(len(source) / batch_size)} batches of {batch_size} at {eval_cfg.crop} px, then "
+                     f"{n_boot} bootstrap resamples for the 95 % intervals")])
     dl = build_eval_loader(source, eval_cfg, batch_size, device=dev, backend=backend, num_threads=2)
+    progress = Progress(len(dl), enabled=show_progress, unit="batch", desc=f"scoring {folder.name}/")
     try:
-        probs, labels = predict(model, dl)
+        probs, labels = predict(model, dl, progress=progress)
         skipped = dl.skipped
     finally:
+        progress.close()
         dl.close()
     meta = {"checkpoint": str(checkpoint), "data": str(folder), "arch": record["model"]["arch"],
             "eval_transform": f"resize {eval_cfg.resize}, centre crop {eval_cfg.crop}",
             "unreadable_files_skipped": len(skipped)}
-    return write_report(Path(out_dir), labels.numpy(), probs.numpy(), record["classes"], paths=source.paths(),
+    return write_report(out_dir, labels.numpy(), probs.numpy(), record["classes"], paths=source.paths(),
                         title=f"Evaluation of {run_label(checkpoint)}, reported split: {folder.name}/", meta=meta,
                         n_boot=n_boot, allow_one_class=allow_one_class)
 
@@ -248,13 +268,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
     parser.add_argument("--allow-one-class", action="store_true",
                         help="score data that lacks a class: the metrics it cannot define are reported as undefined")
+    parser.add_argument("--quiet", action="store_true", help="no start-up block and no progress display")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     ckpt_path = Path(args.checkpoint)
     out = Path(args.out) if args.out else (ckpt_path if ckpt_path.is_dir() else ckpt_path.parent) / \
         f"eval-{Path(args.data).name}{'-' + args.split if args.split else ''}"
     try:
         metrics = evaluate_checkpoint(ckpt_path, args.data, out, split=args.split, loader=args.loader,
-                                      n_boot=args.bootstrap, device=args.device, allow_one_class=args.allow_one_class)
+                                      n_boot=args.bootstrap, device=args.device, allow_one_class=args.allow_one_class,
+                                      show_progress=not args.quiet)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

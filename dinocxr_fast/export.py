@@ -25,18 +25,26 @@ STANDARD_DOMAINS = ("", "ai.onnx")
 @contextlib.contextmanager
 def reference_ops() -> Iterator[None]:
     """Route every fused op to its plain-PyTorch backend while tracing (DESIGN.md: export traces
-    the reference path), then restore the previous choice."""
-    from dinocxr_fast.ops import _backend  # noqa: PLC0415
+    the reference path), then restore the previous choice: the process-wide choice of this process
+    (an earlier --backend) and DINOCXR_BACKEND alike."""
+    from dinocxr_fast.ops import _backend, _dispatch  # noqa: PLC0415
 
     previous = os.environ.get(_backend.ENV_VAR)
+    previous_forced = _dispatch._forced
     os.environ[_backend.ENV_VAR] = "torch"
+    _dispatch.set_forced("torch")
     try:
         yield
     finally:
+        _dispatch.set_forced(previous_forced)
         if previous is None:
             os.environ.pop(_backend.ENV_VAR, None)
         else:
             os.environ[_backend.ENV_VAR] = previous
+
+
+TRACED_BACKENDS = ("torch (the vendor path: plain PyTorch, SDPA) for every fused op while tracing; the graph holds "
+                   "standard ONNX nodes only")
 
 
 def sha256_of(path: Path) -> str:
@@ -72,11 +80,15 @@ def read_metadata(artefact: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def export_onnx(checkpoint: str | Path, out: str | Path, *, features_only: bool = False, opset: int = 17) -> Path:
+def export_onnx(checkpoint: str | Path, out: str | Path, *, features_only: bool = False, opset: int = 17,
+                startup: list[tuple[str, object]] | None = None) -> Path:
+    """``startup``: the command's own lines of the start-up block (printed with the model's, before
+    the trace); None prints no block."""
     import onnx  # noqa: PLC0415
     import torch  # noqa: PLC0415 - after argument parsing: --help stays fast
 
     from dinocxr_fast.classifier import load_classifier  # noqa: PLC0415
+    from dinocxr_fast.runtime.metrics import print_startup  # noqa: PLC0415
 
     checkpoint, out = Path(checkpoint), Path(out)
     if checkpoint.is_dir():
@@ -84,6 +96,13 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, features_only: bool 
     model, record = load_classifier(checkpoint, "cpu")
     module = model.backbone.eval() if features_only else model.eval()
     size = int(record["eval"]["crop"])
+    if startup is not None:
+        print_startup("ONNX export", [
+            ("output", f"{out} (+ {out.name}.json), opset {opset}, dynamic batch"),
+            ("device", "cpu, fp32 (tracing)"),
+            ("model", f"{record['model']['arch']} from {checkpoint}, {int(record['model']['in_chans'])} x {size} px in, "
+                      + ("backbone features out" if features_only else f"logits of {list(record['classes'])} out")),
+            ("backends", TRACED_BACKENDS), *startup])
     dummy = torch.zeros(2, int(record["model"]["in_chans"]), size, size)
     out.parent.mkdir(parents=True, exist_ok=True)
     output_name = "features" if features_only else "logits"
@@ -222,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timing-cache", help="TensorRT timing cache file, reused across builds; "
                         "default: PLAN with the suffix .timing-cache")
     parser.add_argument("--calibration", help="INT8: a folder of images for calibration (--precision int8)")
+    parser.add_argument("--quiet", action="store_true", help="no start-up block")
     args = parser.parse_args(argv)
     # options that cannot work are refused before the ONNX export, in one line
     problem = None
@@ -233,7 +253,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --trt {args.trt}: {problem}; nothing was written", file=sys.stderr)
         return 1
     try:
-        onnx_path = export_onnx(args.checkpoint, args.out, features_only=args.features, opset=args.opset)
+        startup = [("work", "trace, onnx.checker" + (f", then a TensorRT {args.precision} engine {args.trt} (batch 1.."
+                                                      f"{args.max_batch}; minutes on a GPU)" if args.trt else ""))]
+        onnx_path = export_onnx(args.checkpoint, args.out, features_only=args.features, opset=args.opset,
+                                startup=None if args.quiet else startup)
         print(f"wrote {onnx_path} and {onnx_path}.json (onnx.checker passed; standard nodes only)")
         if args.trt:
             calib = None

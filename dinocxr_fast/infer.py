@@ -8,6 +8,7 @@ writes DINO-style self-attention overlays (per head and their mean) from the tor
 from __future__ import annotations
 
 import csv
+import logging
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -15,7 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from dinocxr_fast.cli import parser as cli_parser
-from dinocxr_fast.runtime.metrics import Progress
+from dinocxr_fast.runtime.metrics import Progress, print_startup
 
 # torch and the data package are imported where they are used: `infer --help` answers at once
 
@@ -81,7 +82,7 @@ def torch_runner(checkpoint: Path, device) -> tuple[Callable, dict, torch.nn.Mod
     e = record["eval"]
     meta = {"input": {"channels": record["model"]["in_chans"], "size": e["crop"], "resize": e["resize"],
                       "mean": e["mean"], "std": e["std"], "interpolation": e.get("interpolation", "bicubic")},
-            "classes": record["classes"], "output": "logits"}
+            "classes": record["classes"], "output": "logits", "arch": record["model"]["arch"]}
 
     @torch.no_grad()
     def run(images: torch.Tensor) -> np.ndarray:
@@ -99,6 +100,7 @@ def onnxruntime_runner(path: Path) -> tuple[Callable, dict]:
     providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
     session = ort.InferenceSession(str(path), providers=providers)
     name = session.get_inputs()[0].name
+    meta = {**meta, "providers": session.get_providers()}
 
     def run(images: torch.Tensor) -> np.ndarray:
         return session.run(None, {name: images.cpu().numpy().astype(np.float32)})[0]
@@ -266,6 +268,33 @@ def attention_overlays(model: torch.nn.Module, files: list[str], meta: dict, out
     return written
 
 
+def inference_startup(args, files: list[str], meta: dict, model, backend: str, device) -> list[tuple[str, object]]:
+    """The start-up block's lines; with the PyTorch model, the fused ops' backends are planned
+    for its forward at the batch and input size (runtime/backends.py)."""
+    from dinocxr_fast.runtime import backends  # noqa: PLC0415
+    from dinocxr_fast.runtime import data as data_setup  # noqa: PLC0415
+
+    i = meta["input"]
+    batch = min(int(args.batch_size), len(files))
+    if model is not None:
+        ops = backends.plan(lambda: backends.model_calls(model, batch=batch, channels=int(i["channels"]),
+                                                         size=int(i["size"]), device=device), device).summary
+        runs_on = f"{device}, fp32"
+    elif backend == "onnxruntime":  # preprocessing on the CPU, the graph where ONNX Runtime puts it
+        ops = "none of ours: ONNX Runtime runs the exported graph (standard ONNX nodes only)"
+        runs_on = f"ONNX Runtime {', '.join(meta.get('providers', []))}"
+    else:
+        ops = "none of ours: TensorRT runs the engine built from the exported graph"
+        runs_on = "cuda (TensorRT)"
+    return [("output", Path(args.out)), ("model", f"{args.model} ({backend}; {meta.get('arch', '?')}, classes "
+                                                  f"{list(meta['classes'])})"),
+            ("device", runs_on), ("loader", data_setup.loader_backend({"loader": args.loader})),
+            ("data", f"{len(files)} images from {', '.join(args.inputs)}"),
+            ("backends", ops),
+            ("work", f"{-(-len(files) // int(args.batch_size))} batches of {args.batch_size} at {i['size']} px"
+                     + (f"; then attention overlays of the first 16 into {args.attention_maps}" if args.attention_maps else ""))]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = cli_parser("python -m dinocxr_fast.infer", __doc__.split("\n\n")[1].strip())
     parser.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively, hidden files skipped)")
@@ -280,8 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
     parser.add_argument("--attention-maps", metavar="DIR", help="also write attention overlays of the first 16 images "
                         "here; needs the PyTorch model (--model classifier.pt or its run folder)")
-    parser.add_argument("--quiet", action="store_true", help="no progress display")
+    parser.add_argument("--quiet", action="store_true", help="no start-up block and no progress display")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     # refuse what cannot work before any work, one line each
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -299,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         device = data_setup.device_from(args.device)
         files = collect_images(args.inputs)
         runner, meta, model = make_runner(args.model, args.backend, device)
+        if not args.quiet:
+            print_startup("inference", inference_startup(args, files, meta, model, backend, device))
         summary = run_inference(files, runner, meta, out, batch_size=args.batch_size, loader=args.loader,
                                 device=device, show_progress=not args.quiet)
         print(f"wrote {args.out}: {summary['ok']} of {summary['images']} images classified, "

@@ -21,8 +21,11 @@ from dinocxr_fast.data.prepared import PreparedSource
 from dinocxr_fast.evaluate import require_every_class, write_report
 from dinocxr_fast.metrics import classification_metrics
 from dinocxr_fast.runtime import checkpoint as ckpt
+from dinocxr_fast.runtime import backends as backend_plan
 from dinocxr_fast.runtime import data as data_setup
 from dinocxr_fast.runtime.metrics import MetricsWriter, Progress, print_startup
+
+FEATURE_BATCH = 64  # images per batch of the feature extraction
 
 
 def _source_fingerprint(source: Source) -> list:
@@ -54,7 +57,7 @@ def extract_features(backbone, source: Source, eval_cfg, device, loader_backend:
                      progress_desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen-backbone features of every image of ``source``; with ``progress_desc``, a progress
     line per batch (the extraction is the long part of a linear evaluation)."""
-    loader = build_eval_loader(source, eval_cfg, 64, device=device, backend=loader_backend, num_threads=2)
+    loader = build_eval_loader(source, eval_cfg, FEATURE_BATCH, device=device, backend=loader_backend, num_threads=2)
     progress = Progress(len(loader), enabled=progress_desc is not None, unit="batch", desc=progress_desc)
     backbone.eval()
     feats, labels = [], []
@@ -138,17 +141,27 @@ def run_linear(cfg: dict, run_dir: Path, *, show_progress: bool = True) -> dict:
     sources = {"train": train_src, "val": val_src, "test": test_src}
 
     selection, reported = data_setup.split_names(d, test_split)
+    key = cache_key(model.backbone, sources, eval_cfg.to_dict())
+    cache_dir = Path(lin["cache_dir"]).expanduser() if lin["cache_dir"] else run_dir / "features"
+    cache = cache_dir / f"features-{key}.pt"
+    if cache.is_file():
+        backends_line = f"none run: the features are cached ({cache})"
+    else:  # the fused ops of the frozen backbone's forward, at the extraction's batch sizes
+        batches = sorted({min(FEATURE_BATCH, len(src)) for src in sources.values()})
+        backends_line = backend_plan.plan(
+            lambda: [c for b in batches for c in backend_plan.model_calls(
+                model.backbone, batch=b, channels=in_chans, size=eval_cfg.crop, device=device, autocast=autocast)],
+            device, out_dir=run_dir).summary
     print_startup("linear evaluation", [
         ("run folder", run_dir), ("device", f"{device}, {precision}"), ("loader", data_setup.loader_backend(d)),
         ("model", f"{m['arch']} (frozen) from {origin}"),
         ("data", f"{d['path']}: train {len(train_src)} images (label fraction {d['label_fraction']}), "
                  f"selection split {selection} {len(val_src)}, reported split {reported} {len(test_src)}"),
+        ("backends", backends_line),
         ("schedule", f"{len(lin['lrs']) * len(lin['weight_decays'])} linear heads x {lin['epochs']} epochs on "
-                     f"{eval_cfg.crop} px features")])
-    key = cache_key(model.backbone, sources, eval_cfg.to_dict())
-    cache_dir = Path(lin["cache_dir"]).expanduser() if lin["cache_dir"] else run_dir / "features"
+                     f"{eval_cfg.crop} px features" + ("; train.max_minutes does not apply to a linear evaluation "
+                                                       "(it runs to its end)" if t.get("max_minutes") else ""))])
     cache_dir.mkdir(parents=True, exist_ok=True)
-    cache = cache_dir / f"features-{key}.pt"
     metrics_log = MetricsWriter(run_dir)
     t0 = time.perf_counter()
     if cache.is_file():

@@ -101,8 +101,10 @@ class PretrainJob(TrainingJob):
         if self.fit and t.get("max_steps") is not None:
             self.max_planned = max(min(self.total_steps, int(t["max_steps"])), 1)
         self._plan(self.max_planned)
-        self._budget: dict | None = None
+        self._fit_clock: dict | None = None
         self.knn_trace: list[tuple[int, float]] = []
+        self._knn_seconds = 0.0  # the last kNN pass (none yet: 0)
+        self._knn_on: bool | None = None
         self.first_loss: tuple[int, float] | None = None
         self.backend_plan = plan_backends(self, d["backend"])  # before compile, which bakes the choices in
         if t["compile"]:
@@ -145,16 +147,16 @@ class PretrainJob(TrainingJob):
         if deadline is None or not self.fit:
             return
         now = time.monotonic()
-        if self._budget is None:  # the first step carries one-off costs: measure from after it
-            self._budget = {"t0": now, "step0": self.step, "reserve": 0.0}
+        if self._fit_clock is None:  # the first step carries one-off costs: measure from after it
+            self._fit_clock = {"t0": now, "step0": self.step}
             return
-        done = self.step - self._budget["step0"]
+        done = self.step - self._fit_clock["step0"]
         if done < 10 or (done != 10 and self.step % self.steps_per_epoch != 0):
             return
-        per_step = (now - self._budget["t0"]) / done
-        # keep time for the end: the final checkpoint, and a last kNN pass if one runs
-        reserve = self._budget["reserve"] + 2.0 * per_step
-        fitted = min(self.max_planned, self.step + max(int((deadline - now - reserve) / per_step), 1))
+        per_step = (now - self._fit_clock["t0"]) / done
+        # keep time for the end (a last kNN pass if one runs, the final checkpoint, the exit: runtime/budget.py)
+        # and one step of slack for the steps' spread
+        fitted = min(self.max_planned, self.step + max(self.budget.steps_that_fit(self.end_reserve(), per_step) - 1, 1))
         current = self.planned_steps or self.total_steps
         if abs(fitted - current) > max(1, current // 100):
             self._plan(fitted)
@@ -312,8 +314,7 @@ class PretrainJob(TrainingJob):
             self.knn_trace.append((self.step, acc))
             line = f"epoch {epoch}: kNN accuracy {acc:.4f} on {sources[2]} ({time.monotonic() - t0:.1f} s)"
             _say(progress, line)
-            if self._budget is not None:  # the time budget keeps room for the last kNN pass
-                self._budget["reserve"] = time.monotonic() - t0
+            self._knn_seconds = time.monotonic() - t0  # train.max_minutes keeps room for the next pass
         distributed.barrier()
 
     # ---- hooks ----------------------------------------------------------------------------------------
@@ -338,6 +339,18 @@ class PretrainJob(TrainingJob):
     def progress_fields(self, record: dict) -> dict:
         return {"H(t)": f"{record['teacher_entropy']:.2f}/{self.collapse_watch.log_k:.2f}",
                 "f_std": f"{record.get('feature_std', float('nan')):.2f}"}
+
+    def _knn_runs(self) -> bool:
+        if self._knn_on is None:
+            self._knn_on = int(self.cfg["train"]["knn_every"]) > 0 and self.knn_sources() is not None and self.is_main
+        return self._knn_on
+
+    def end_reserve(self) -> float:
+        return self._knn_seconds if self._knn_runs() else 0.0  # the last kNN pass (on_finish)
+
+    def epoch_end_reserve(self, epoch: int) -> float:
+        knn_every = int(self.cfg["train"]["knn_every"])
+        return self._knn_seconds if self._knn_runs() and epoch % knn_every == 0 else 0.0
 
     def on_start(self, progress: Progress) -> None:
         if self.step == 0 and int(self.cfg["train"]["knn_every"]) > 0:

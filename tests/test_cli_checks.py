@@ -94,7 +94,7 @@ def test_pretrain_on_a_labelled_root_reads_train_only(tmp_path):
 
 
 def test_finetune_stopped_by_its_time_budget_leaves_classifier_and_report(tmp_path):
-    """train.max_minutes so small that the run stops after its first step, before any validation."""
+    """train.max_minutes so small that the set-up spends it: the run stops before its first step."""
     sample = cxr_sample()
     run = tmp_path / "ft"
     assert train.main(["finetune", "--pretrained", "none", "--data", str(sample), "--preset", "supervised_tiny_cpu",

@@ -243,9 +243,13 @@ def test_pretraining_plans_every_op_and_writes_the_table(tmp_path, capsys):
     table = (run / "backends.md").read_text()
     for op in ("| dino_loss |", "| attention |", "| window_attention |", "| pcm |", "| conv_bn_act |"):
         assert op in table
-    assert "forced: cuda" in table and table.splitlines()[0] in capsys.readouterr().err
     rows = json.loads((run / "backends.json").read_text())["rows"]
     assert all(r["chosen"] in ("torch", "cpp") for r in rows)
+    # the start-up block names the backend of every op, with the table's place
+    line = next(ln for ln in capsys.readouterr().err.splitlines() if ln.strip().startswith("backends "))
+    for op in ("dino_loss", "attention", "window_attention", "pcm", "conv_bn_act"):
+        assert f"{op} " in line
+    assert "forced: cuda" in table and f"(table: {run / 'backends.md'})" in line
 
 
 def test_a_backend_failing_in_its_backward_is_demoted_and_the_step_recomputed(tmp_path, monkeypatch, caplog):

@@ -48,11 +48,18 @@ def check_report(folder: Path) -> dict:
     return record
 
 
-def test_linear_grid_cache_and_report(sample, pretrained_run, tmp_path):
+def backends_line(err: str) -> str:
+    """The start-up block's line naming the fused ops' backends."""
+    return next(ln for ln in err.splitlines() if ln.strip().startswith("backends "))
+
+
+def test_linear_grid_cache_and_report(sample, pretrained_run, tmp_path, capsys):
     out = tmp_path / "lin"
     args = ["linear", "--data", str(sample), "--pretrained", str(pretrained_run), "--out", str(out), *FAST,
             "--set", "linear.epochs=20", "--set", f"linear.cache_dir={tmp_path / 'cache'}"]
     assert train.main(args) == 0
+    line = backends_line(capsys.readouterr().err)  # planned on the frozen backbone's forward
+    assert "pcm " in line and "attention " in line and (out / "backends.md").is_file()
     results = json.loads((out / "linear_results.json").read_text())
     assert results["heads"] == 12 and not results["features_cached"]
     assert "teacher backbone" in results["pretrained"]
@@ -61,6 +68,7 @@ def test_linear_grid_cache_and_report(sample, pretrained_run, tmp_path):
     # the same checkpoint, data and transform hit the cache
     assert train.main(args) == 0
     assert json.loads((out / "linear_results.json").read_text())["features_cached"]
+    assert "none run: the features are cached" in backends_line(capsys.readouterr().err)
     # the saved classifier reproduces the reported test metrics through the evaluate CLI
     assert evaluate.main(["--checkpoint", str(out / "classifier.pt"), "--data", str(sample), "--split", "val",
                           "--out", str(tmp_path / "eval"), "--bootstrap", "50"]) == 0
@@ -69,11 +77,15 @@ def test_linear_grid_cache_and_report(sample, pretrained_run, tmp_path):
     assert again["metrics"]["roc_auc"] == pytest.approx(record["metrics"]["roc_auc"], abs=1e-6)
 
 
-def test_finetune_with_label_fraction_resume_and_report(sample, pretrained_run, tmp_path):
+def test_finetune_with_label_fraction_resume_and_report(sample, pretrained_run, tmp_path, capsys):
     straight, split = tmp_path / "a", tmp_path / "b"
     common = ["finetune", "--data", str(sample), "--pretrained", str(pretrained_run), *FAST, "--epochs", "2",
               "--label-fraction", "0.25", "--batch-size", "8"]
     assert train.main([*common, "--out", str(straight)]) == 0
+    line = backends_line(capsys.readouterr().err)  # the training and the scoring forwards
+    assert "pcm " in line and f"(table: {straight / 'backends.md'})" in line
+    shapes = {r["shape"].split("x")[0] for r in json.loads((straight / "backends.json").read_text())["rows"]}
+    assert {"8", "32", "40"} <= shapes  # batch 8 training; 32 held out for selection, 40 reported (val/)
     assert train.main([*common, "--out", str(split), "--max-steps", "4"]) == 0
     assert train.main([*common, "--out", str(split), "--resume", "auto"]) == 0
 

@@ -21,6 +21,7 @@ from dinocxr_fast.cli import command_start
 from dinocxr_fast.config import save_config
 from dinocxr_fast.ops import _dispatch
 from dinocxr_fast.runtime import checkpoint as ckpt
+from dinocxr_fast.runtime.budget import Budget
 from dinocxr_fast.runtime import data as data_setup
 from dinocxr_fast.runtime import distributed
 from dinocxr_fast.runtime.metrics import MetricsWriter, Progress, print_startup
@@ -88,6 +89,10 @@ class TrainingJob:
         self.planned_steps: int | None = None
         # train.max_minutes is the wall time of the whole command: imports and set-up included
         self.t_start = command_start()
+        self.clock = time.monotonic  # of the time budget (tests drive a fake one)
+        self.budget = Budget(self.t_start, t.get("max_minutes"))  # run() starts it again with the config it runs
+        # the fused ops' backends planned for this run (runtime/backends.py), set by the subclass
+        self.backend_plan = None
 
     @property
     def total_steps(self) -> int:
@@ -136,11 +141,36 @@ class TrainingJob:
 
     def end_reserve(self) -> float:
         """Seconds the work after the loop (on_finish: a final evaluation, a report) will take, kept
-        free of the train.max_minutes budget."""
+        free of the train.max_minutes budget (runtime/budget.py adds the final checkpoint and the exit)."""
         return 0.0
 
-    def _out_of_time(self, deadline: float | None) -> bool:
-        return deadline is not None and time.monotonic() + self.end_reserve() > deadline
+    def epoch_end_reserve(self, epoch: int) -> float:
+        """Seconds ``on_epoch_end(epoch)`` will take (a kNN or validation pass, as last measured)."""
+        return 0.0
+
+    def whole_epochs_only(self) -> bool:
+        """True when steps past the last epoch end would be thrown away (fine-tuning keeps the best
+        validated epoch): under train.max_minutes, start an epoch only if it and its end fit."""
+        return False
+
+    def _next_step_fits(self) -> bool:
+        """train.max_minutes: does the next step fit, with the epoch-end work between (this step
+        ended an epoch) or after it (the next one ends one), and everything after the loop?"""
+        if not self.budget.enabled:
+            return True
+        spe = self.steps_per_epoch
+        extra = self.epoch_end_reserve(self.step // spe) if self.step % spe == 0 else 0.0
+        if (self.step + 1) % spe == 0:
+            extra += self.epoch_end_reserve((self.step + 1) // spe)
+        return self.budget.fits(steps=1, extra=extra, end_reserve=self.end_reserve())
+
+    def _next_epoch_fits(self) -> bool:
+        if not self.budget.enabled or not self.whole_epochs_only():
+            return True
+        spe = self.steps_per_epoch
+        steps = spe - self.step % spe
+        return self.budget.fits(steps=steps, extra=self.epoch_end_reserve((self.step + steps) // spe),
+                                end_reserve=self.end_reserve())
 
     def summary_lines(self, last: dict | None) -> list[str]:
         return []
@@ -214,8 +244,9 @@ class TrainingJob:
         return path
 
     def _checkpoint(self, progress: Progress) -> None:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), self.clock()
         path = self.save_checkpoint()
+        self.budget.checkpoint_took(self.clock() - c0)
         if path is not None:
             progress.write(f"checkpoint written: {path} ({time.perf_counter() - t0:.1f} s)")
 
@@ -277,6 +308,10 @@ class TrainingJob:
                         self.step, exc, exc.backend, "/".join(exc.ops))
             return self.train_step(batch)
 
+    def _out_of_time(self, fits: bool) -> bool:
+        """The time budget is spent on this rank or (under torchrun) any: all ranks stop at the same step."""
+        return distributed.any_rank(not fits) if self.dist.enabled and self.budget.enabled else not fits
+
     def _next_batch(self, batches):
         """The next batch; a loader whose workers a signal took down counts as a stop, not a crash."""
         try:
@@ -294,7 +329,8 @@ class TrainingJob:
     def run(self) -> StopReason:
         t = self.cfg["train"]
         max_steps = int(t["max_steps"]) if t.get("max_steps") is not None else None
-        deadline = self.t_start + float(t["max_minutes"]) * 60 if t.get("max_minutes") else None
+        self.budget = Budget(self.t_start, t.get("max_minutes"), clock=self.clock)
+        deadline = self.budget.deadline
         log_every, ckpt_every = max(int(t["log_every"]), 1), max(int(t["ckpt_every"]), 1)
         progress = Progress(self.end_step(max_steps), initial=self.step, enabled=self.show_progress)
         previous_handlers = self._install_signal_handlers()
@@ -305,14 +341,19 @@ class TrainingJob:
         if self.is_main:
             self._print_startup(max_steps)
         self.metrics.truncate_after(self.step if self.resumed else -1)  # no step logged twice
+        out_of_time = f"{t['max_minutes']} min: the time left would not hold another step (or epoch) and the run's end"
+        first_step = self.step
         try:
             self.on_start(progress)
-            while self.step < self.end_step(max_steps):
+            if self._out_of_time(self._next_step_fits()):  # set-up and on_start took the budget
+                self.stop = StopReason("max_minutes", out_of_time)
+            while self.stop.kind == "done" and self.step < self.end_step(max_steps):
                 epoch = self.step // self.steps_per_epoch
                 self.loader.set_epoch(epoch)
                 batches = iter(self.loader)
+                timed_out = False
                 while self.step < self.end_step(max_steps) and self.step // self.steps_per_epoch == epoch:
-                    t_wait = time.perf_counter()
+                    t_step, t_wait = self.clock(), time.perf_counter()
                     try:
                         batch = self._next_batch(batches)
                     except StopIteration:
@@ -324,22 +365,31 @@ class TrainingJob:
                     window["images"] += self.batch_images(batch) * self.dist.world_size
                     if self.step % log_every == 0 or self.step == self.end_step(max_steps):
                         self._log(out, window, progress)
+                    elif self.step == first_step + 1:  # progress from the first step, not after log_every of them
+                        progress.update(self.step, {"epoch": f"{self.step / self.steps_per_epoch:.2f}",
+                                                    "loss": f"{float(out['loss']):.4f}"})
                     if self.step % ckpt_every == 0:
                         self._checkpoint(progress)
+                    self.budget.step_took(self.clock() - t_step)
                     self.on_step_end(deadline, progress)
-                    if self._stop_requested() or self._out_of_time(deadline):
+                    if self._stop_requested():
+                        break
+                    if self.step < self.end_step(max_steps) and self._out_of_time(self._next_step_fits()):
+                        timed_out = True
                         break
                 if self._signal:
                     self.stop = StopReason("signal", self._signal)
                     break
-                if self._out_of_time(deadline):
-                    self.stop = StopReason("max_minutes", f"{t['max_minutes']} min")
-                    break
-                if self.step % self.steps_per_epoch == 0:  # an epoch ended: a checkpoint, as base.yaml promises
-                    if self.step % ckpt_every != 0 and self.step < self.end_step(max_steps):
-                        self._checkpoint(progress)
+                if self.step % self.steps_per_epoch == 0:  # an epoch ended: its work was reserved before its last step
+                    if self.step % ckpt_every != 0 and self.step < self.end_step(max_steps) and not timed_out:
+                        self._checkpoint(progress)  # a checkpoint at every epoch end, as base.yaml promises
                     self.on_epoch_end(self.step // self.steps_per_epoch, progress)
-            else:
+                    if not timed_out and self.step < self.end_step(max_steps):
+                        timed_out = self._out_of_time(self._next_epoch_fits())
+                if timed_out:
+                    self.stop = StopReason("max_minutes", out_of_time)
+                    break
+            if self.stop.kind == "done":
                 if max_steps is not None and max_steps <= self.step < self.total_steps:
                     self.stop = StopReason("max_steps", str(max_steps))
                 elif self.step < self.total_steps:  # the schedules were fitted to the time budget
@@ -369,6 +419,7 @@ class TrainingJob:
             ("device", f"{self.device}, {self.precision}, {self.dist.world_size} process(es)"),
             ("loader", self.loader.backend),
             *self.startup_fields(),
+            *([("backends", self.backend_plan.summary)] if self.backend_plan is not None else []),
             ("schedule", schedule),
             ("checkpoints", f"every {t['ckpt_every']} steps and at every epoch end, in {self.run_dir}"),
         ])
