@@ -216,12 +216,13 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, out_dir: str |
     from dinocxr_fast.data import EvalConfig, build_eval_loader  # noqa: PLC0415
     from dinocxr_fast.runtime import backends  # noqa: PLC0415
     from dinocxr_fast.runtime import data as data_setup  # noqa: PLC0415
+    from dinocxr_fast.runtime import distributed  # noqa: PLC0415
     from dinocxr_fast.runtime.metrics import Progress, print_startup  # noqa: PLC0415
 
     root = Path(data).expanduser()
     folder = root / split if split else root
     check_split(root, split)
-    dev = data_setup.device_from(device)
+    dev = distributed.device_from(device)
     model, record = load_classifier(checkpoint, dev)
     source = data_setup.split_source(root, split, record["classes"])
     eval_cfg = EvalConfig.from_dict(record["eval"])

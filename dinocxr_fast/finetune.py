@@ -17,14 +17,19 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from dinocxr_fast.classifier import build_classifier, classifier_record, load_backbone, predict, save_classifier
+from dinocxr_fast import optim
+from dinocxr_fast.classifier import (
+    build_classifier,
+    classifier_record,
+    load_backbone,
+    predict,
+    save_classifier,
+)
 from dinocxr_fast.data import build_eval_loader
-from dinocxr_fast.dino import build as dino_build
 from dinocxr_fast.evaluate import require_every_class, write_report
 from dinocxr_fast.metrics import classification_metrics
-from dinocxr_fast.runtime import backends
+from dinocxr_fast.runtime import backends, distributed
 from dinocxr_fast.runtime import data as data_setup
-from dinocxr_fast.runtime import distributed
 from dinocxr_fast.runtime.job import TrainingJob
 from dinocxr_fast.runtime.metrics import Progress
 
@@ -115,18 +120,11 @@ class FinetuneJob(TrainingJob):
             self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
         ) if self.dist.enabled else self.model
         groups = layer_decay_groups(self.model, float(o["layer_decay"]))
-        self.optimizer = dino_build.build_optimizer(o, groups, fused_ok=dino_build.fused_optimizer_ok(self.device))
-        self.schedules = dino_build.build_schedules(
-            {"optim": o, "train": cfg["train"], "dino": {"momentum_teacher": 0.0}}, self.steps_per_epoch,
-            self.batch_size * self.dist.world_size)
-        counts = np.bincount(self.train_src.labels(), minlength=len(self.classes)).astype(np.float64)
-        if o["class_weighting"] == "balanced":
-            weights = counts.sum() / (len(self.classes) * np.maximum(counts, 1))
-        elif o["class_weighting"] == "none":
-            weights = np.ones(len(self.classes))
-        else:
-            raise ValueError(f"unknown optim.class_weighting={o['class_weighting']!r} (balanced, none)")
-        self.class_weights = torch.tensor(weights, dtype=torch.float32, device=self.device)
+        self.optimizer = optim.build_optimizer(o, groups, fused_ok=optim.fused_optimizer_ok(self.device))
+        self.schedules = optim.optimizer_schedules(o, int(cfg["train"]["epochs"]), self.steps_per_epoch,
+                                                   self.batch_size * self.dist.world_size)
+        self.class_weights = optim.class_weights(self.train_src.labels(), len(self.classes),
+                                                 o["class_weighting"]).to(self.device)
         self.best = {"metric": -math.inf, "epoch": None}
         self._val_seconds = 0.0
         if resume is not None:
@@ -151,10 +149,7 @@ class FinetuneJob(TrainingJob):
     def train_step(self, batch) -> dict:
         images, labels = batch
         it = self.step
-        for group in self.optimizer.param_groups:
-            group["lr"] = float(self.schedules["lr"][it]) * group.get("lr_scale", 1.0)
-            if group.get("name") == "decay":
-                group["weight_decay"] = float(self.schedules["weight_decay"][it])
+        optim.apply_schedules(self.optimizer, self.schedules, it)
         with self.autocast():
             logits = self.model_ddp(images)
         loss = F.cross_entropy(logits.float(), labels, weight=self.class_weights,
@@ -166,7 +161,7 @@ class FinetuneJob(TrainingJob):
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = dino_build.clip_gradients_per_tensor(params, float(self.cfg["optim"]["clip_grad"]))
+        grad_norm = optim.clip_gradients_per_tensor(params, float(self.cfg["optim"]["clip_grad"]))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.step += 1

@@ -323,10 +323,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --attention-maps needs the PyTorch model (--model classifier.pt or its run folder), "
               f"not {args.model} ({backend}); nothing was written", file=sys.stderr)
         return 1
-    from dinocxr_fast.runtime import data as data_setup  # noqa: PLC0415
+    from dinocxr_fast.runtime import distributed  # noqa: PLC0415
 
     try:
-        device = data_setup.device_from(args.device)
+        device = distributed.device_from(args.device)
         files = collect_images(args.inputs)
         runner, meta, model = make_runner(args.model, args.backend, device)
         if not args.quiet:

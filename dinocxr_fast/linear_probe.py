@@ -11,18 +11,24 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dinocxr_fast.classifier import build_classifier, classifier_record, load_backbone, save_classifier
+from dinocxr_fast import optim
+from dinocxr_fast.classifier import (
+    build_classifier,
+    classifier_record,
+    load_backbone,
+    save_classifier,
+)
 from dinocxr_fast.data import Source, build_eval_loader
 from dinocxr_fast.data.prepared import PreparedSource
 from dinocxr_fast.evaluate import require_every_class, write_report
 from dinocxr_fast.metrics import classification_metrics
-from dinocxr_fast.runtime import checkpoint as ckpt
 from dinocxr_fast.runtime import backends as backend_plan
+from dinocxr_fast.runtime import checkpoint as ckpt
 from dinocxr_fast.runtime import data as data_setup
+from dinocxr_fast.runtime import distributed
 from dinocxr_fast.runtime.metrics import MetricsWriter, Progress, print_startup
 
 FEATURE_BATCH = 64  # images per batch of the feature extraction
@@ -123,7 +129,7 @@ def run_linear(cfg: dict, run_dir: Path, *, show_progress: bool = True) -> dict:
     save_config(cfg, run_dir / "config.yaml")
     d, m, lin, t = cfg["data"], cfg["model"], cfg["linear"], cfg["train"]
     torch.manual_seed(int(t["seed"]))
-    device = data_setup.device_from(t["device"])
+    device = distributed.device_from(t["device"])
     precision = "bf16" if device.type == "cuda" and t["precision"] in ("auto", "bf16") else "fp32"
 
     def autocast():
@@ -184,11 +190,7 @@ def run_linear(cfg: dict, run_dir: Path, *, show_progress: bool = True) -> dict:
     def norm(x):
         return (x - mean) / std
 
-    counts = np.bincount(feats["train"]["y"].numpy(), minlength=len(classes)).astype(np.float64)
-    if cfg["optim"]["class_weighting"] == "balanced":
-        cw = torch.tensor(counts.sum() / (len(classes) * np.maximum(counts, 1)), dtype=torch.float32)
-    else:
-        cw = torch.ones(len(classes))
+    cw = optim.class_weights(feats["train"]["y"].numpy(), len(classes), cfg["optim"]["class_weighting"])
     progress = Progress(int(lin["epochs"]), enabled=show_progress, unit="epoch", desc="linear heads")
     t1 = time.perf_counter()
     w, b, grid = train_head_grid(norm(feats["train"]["x"]), feats["train"]["y"], len(classes), list(lin["lrs"]),

@@ -16,13 +16,19 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from dinocxr_fast import optim
 from dinocxr_fast.data import build_eval_loader, build_pretrain_loader
 from dinocxr_fast.dino import DINOLoss
-from dinocxr_fast.dino.koleo import koleo_loss
 from dinocxr_fast.dino import build as dino_build
 from dinocxr_fast.dino.ema import ema_lerp, ema_pairs
 from dinocxr_fast.dino.knn import knn_accuracy
-from dinocxr_fast.dino.monitor import CollapseWatch, collapse_stats, knn_noise_margin, learning_verdict
+from dinocxr_fast.dino.koleo import koleo_loss
+from dinocxr_fast.dino.monitor import (
+    CollapseWatch,
+    collapse_stats,
+    knn_noise_margin,
+    learning_verdict,
+)
 from dinocxr_fast.ops._checks import NonFiniteInputError
 from dinocxr_fast.runtime import checkpoint as ckpt
 from dinocxr_fast.runtime import data as data_setup
@@ -91,8 +97,8 @@ class PretrainJob(TrainingJob):
         ).to(self.device)
         self.koleo_weight = float(d["koleo_weight"])
         self.params = [p for p in self.student.parameters() if p.requires_grad]
-        self.optimizer = dino_build.build_optimizer(
-            cfg["optim"], dino_build.param_groups(self.student), fused_ok=dino_build.fused_optimizer_ok(self.device))
+        self.optimizer = optim.build_optimizer(
+            cfg["optim"], dino_build.param_groups(self.student), fused_ok=optim.fused_optimizer_ok(self.device))
         # Schedules span the run that will actually happen: all epochs, or train.max_steps, or
         # (refitted as the run measures its speed) what train.max_minutes leaves time for.
         self.nominal_schedules = dino_build.build_schedules(cfg, self.steps_per_epoch, global_batch)
@@ -132,13 +138,13 @@ class PretrainJob(TrainingJob):
     # ---- schedules fitted to the run's budget -----------------------------------------------------
     def _plan(self, planned_steps: int) -> None:
         self.planned_steps = planned_steps if planned_steps < self.total_steps else None
-        self.schedules = dino_build.fit_schedules(self.nominal_schedules, planned_steps)
+        self.schedules = optim.fit_schedules(self.nominal_schedules, planned_steps)
 
     def schedule_epoch(self, it: int) -> int:
         """The epoch of the nominal run at the same fraction of the run as step ``it``: drives the
         epoch-based parts of the recipe (teacher temperature warm-up, frozen last layer)."""
         planned = self.planned_steps or self.total_steps
-        return int(dino_build.nominal_step_index(it, self.total_steps, planned)) // self.steps_per_epoch
+        return int(optim.nominal_step_index(it, self.total_steps, planned)) // self.steps_per_epoch
 
     def on_step_end(self, deadline: float | None, progress: Progress) -> None:
         """With train.max_minutes: from the measured seconds per step (kNN passes and checkpoints
@@ -201,10 +207,7 @@ class PretrainJob(TrainingJob):
     def forward_loss(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         it = self.step
         epoch = self.schedule_epoch(it)
-        for group in self.optimizer.param_groups:
-            group["lr"] = float(self.schedules["lr"][it])
-            if group.get("name") == "decay":
-                group["weight_decay"] = float(self.schedules["weight_decay"][it])
+        optim.apply_schedules(self.optimizer, self.schedules, it)
         with self.autocast():
             with torch.no_grad():
                 teacher_out = self.teacher_fwd(views[: self.n_global])
@@ -243,7 +246,7 @@ class PretrainJob(TrainingJob):
         it = self.step
         epoch = self.schedule_epoch(it)
         self.scaler.unscale_(self.optimizer)
-        grad_norm = dino_build.clip_gradients_per_tensor(self.params, float(self.cfg["optim"]["clip_grad"]))
+        grad_norm = optim.clip_gradients_per_tensor(self.params, float(self.cfg["optim"]["clip_grad"]))
         dino_build.cancel_last_layer_gradients(self.student, epoch, int(self.cfg["optim"]["freeze_last_layer_epochs"]))
         self.scaler.step(self.optimizer)
         self.scaler.update()

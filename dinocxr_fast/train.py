@@ -278,7 +278,7 @@ def pretrain(argv: list[str]) -> int:
     from dinocxr_fast.runtime import data as data_setup  # noqa: PLC0415
     from dinocxr_fast.runtime import distributed  # noqa: PLC0415
 
-    distributed.init_from_env(data_setup.device_from(cfg["train"]["device"]).type)  # so ranks agree on --out
+    distributed.init_from_env(distributed.device_from(cfg["train"]["device"]).type)  # so ranks agree on --out
     if out is None:
         if resume is not None:
             out = resume.parent

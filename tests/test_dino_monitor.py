@@ -1,4 +1,4 @@
-"""The collapse monitor (dino/monitor.py) and schedules fitted to a budget (dino/build.py)."""
+"""The collapse monitor (dino/monitor.py) and schedules fitted to a budget (optim.py)."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from dinocxr_fast.dino.build import fit_schedules, nominal_step_index
+from dinocxr_fast.optim import fit_schedules, nominal_step_index
 from dinocxr_fast.dino.monitor import CollapseWatch, collapse_stats, knn_noise_margin, learning_verdict
 from dinocxr_fast.dino.schedules import cosine_schedule
 

@@ -5,7 +5,6 @@ import functools
 import os
 from pathlib import Path
 
-import torch
 
 from dinocxr_fast.data import (
     CsvSource,
@@ -146,15 +145,6 @@ def split_source(root: str | Path, split: str | None, classes) -> Source:
 
 def eval_config(size: int, channels: int) -> EvalConfig:
     return EvalConfig.for_size(int(size), channels=channels)
-
-
-def device_from(choice: str) -> torch.device:
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(choice)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA GPU is available")
-    return device
 
 
 def supervised_sources(data_cfg: dict) -> tuple[Source, Source, Source, str]:

@@ -80,3 +80,13 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
         return
     for buf in module.buffers():
         dist.broadcast(buf, src=src)
+
+
+def device_from(choice: str) -> torch.device:
+    """The device of ``train.device`` / ``--device``: "auto" is CUDA when a GPU is visible."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(choice)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA GPU is available")
+    return device

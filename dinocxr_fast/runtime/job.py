@@ -22,7 +22,6 @@ from dinocxr_fast.config import save_config
 from dinocxr_fast.ops import _dispatch
 from dinocxr_fast.runtime import checkpoint as ckpt
 from dinocxr_fast.runtime.budget import Budget
-from dinocxr_fast.runtime import data as data_setup
 from dinocxr_fast.runtime import distributed
 from dinocxr_fast.runtime.metrics import MetricsWriter, Progress, print_startup
 
@@ -64,7 +63,7 @@ class TrainingJob:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         t = cfg["train"]
-        self.device = data_setup.device_from(t["device"])
+        self.device = distributed.device_from(t["device"])
         self.dist = distributed.init_from_env(self.device.type)
         if self.device.type == "cuda" and self.dist.enabled:
             self.device = torch.device("cuda", self.dist.local_rank)
