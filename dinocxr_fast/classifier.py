@@ -118,7 +118,7 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tup
 @torch.no_grad()
 def predict(model: nn.Module, loader, autocast=None, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax probabilities and labels over one pass of an eval loader (fp32 on the CPU); with
-    ``progress`` (runtime.metrics.Progress), one update per batch."""
+    ``progress`` (runtime.run_log.Progress), one update per batch."""
     was_training = model.training
     model.eval()
     probs, labels = [], []

@@ -217,7 +217,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, out_dir: str |
     from dinocxr_fast.runtime import backends  # noqa: PLC0415
     from dinocxr_fast.runtime import data as data_setup  # noqa: PLC0415
     from dinocxr_fast.runtime import distributed  # noqa: PLC0415
-    from dinocxr_fast.runtime.metrics import Progress, print_startup  # noqa: PLC0415
+    from dinocxr_fast.runtime.run_log import Progress, print_startup  # noqa: PLC0415
 
     root = Path(data).expanduser()
     folder = root / split if split else root

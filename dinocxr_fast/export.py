@@ -88,7 +88,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, features_only: bool 
     import torch  # noqa: PLC0415 - after argument parsing: --help stays fast
 
     from dinocxr_fast.classifier import load_classifier  # noqa: PLC0415
-    from dinocxr_fast.runtime.metrics import print_startup  # noqa: PLC0415
+    from dinocxr_fast.runtime.run_log import print_startup  # noqa: PLC0415
 
     checkpoint, out = Path(checkpoint), Path(out)
     if checkpoint.is_dir():

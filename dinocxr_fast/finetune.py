@@ -31,7 +31,7 @@ from dinocxr_fast.metrics import classification_metrics
 from dinocxr_fast.runtime import backends, distributed
 from dinocxr_fast.runtime import data as data_setup
 from dinocxr_fast.runtime.job import TrainingJob
-from dinocxr_fast.runtime.metrics import Progress
+from dinocxr_fast.runtime.run_log import Progress
 
 EVAL_BATCH = 64  # images per batch of the validation and test scoring
 REPORT_S = 1.5  # report/: metrics, bootstrap intervals, two figures (0.75 s on 2 CPU cores with matplotlib's import)

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from dinocxr_fast.cli import parser as cli_parser
-from dinocxr_fast.runtime.metrics import Progress, print_startup
+from dinocxr_fast.runtime.run_log import Progress, print_startup
 
 # torch and the data package are imported where they are used: `infer --help` answers at once
 

@@ -29,7 +29,7 @@ from dinocxr_fast.runtime import backends as backend_plan
 from dinocxr_fast.runtime import checkpoint as ckpt
 from dinocxr_fast.runtime import data as data_setup
 from dinocxr_fast.runtime import distributed
-from dinocxr_fast.runtime.metrics import MetricsWriter, Progress, print_startup
+from dinocxr_fast.runtime.run_log import MetricsWriter, Progress, print_startup
 
 FEATURE_BATCH = 64  # images per batch of the feature extraction
 

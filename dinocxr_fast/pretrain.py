@@ -35,7 +35,7 @@ from dinocxr_fast.runtime import data as data_setup
 from dinocxr_fast.runtime import distributed
 from dinocxr_fast.runtime.backends import plan_backends
 from dinocxr_fast.runtime.job import NonFiniteLossError, StopReason, TrainingJob  # noqa: F401 (re-exported)
-from dinocxr_fast.runtime.metrics import Progress
+from dinocxr_fast.runtime.run_log import Progress
 
 log = logging.getLogger("dinocxr_fast.train")
 # The kNN monitor of a run on the phantoms (train.knn_data: auto): this many labelled phantoms per

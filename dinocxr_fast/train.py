@@ -275,7 +275,6 @@ def pretrain(argv: list[str]) -> int:
         print(f"--preset {args.preset} ignored: the run continues with {resume.parent / 'config.yaml'}", file=sys.stderr)
 
     from dinocxr_fast.pretrain import PretrainJob  # noqa: PLC0415 - keep --help fast
-    from dinocxr_fast.runtime import data as data_setup  # noqa: PLC0415
     from dinocxr_fast.runtime import distributed  # noqa: PLC0415
 
     distributed.init_from_env(distributed.device_from(cfg["train"]["device"]).type)  # so ranks agree on --out

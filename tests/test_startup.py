@@ -1,4 +1,4 @@
-"""Every command prints a start-up block before its work (runtime.metrics.print_startup): evaluate,
+"""Every command prints a start-up block before its work (runtime.run_log.print_startup): evaluate,
 export and infer here (pretrain, linear and finetune in test_dispatch / test_supervised). Those that
 run the model name the backend each fused op got, planned on the forward they run; a second
 command re-verifies nothing (the verdict cache). Export traces the vendor path only."""

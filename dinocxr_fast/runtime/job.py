@@ -23,7 +23,7 @@ from dinocxr_fast.ops import _dispatch
 from dinocxr_fast.runtime import checkpoint as ckpt
 from dinocxr_fast.runtime.budget import Budget
 from dinocxr_fast.runtime import distributed
-from dinocxr_fast.runtime.metrics import MetricsWriter, Progress, print_startup
+from dinocxr_fast.runtime.run_log import MetricsWriter, Progress, print_startup
 
 log = logging.getLogger("dinocxr_fast.train")
 

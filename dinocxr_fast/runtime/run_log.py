@@ -1,5 +1,6 @@
-"""Metrics: one JSON line per logging step in metrics.jsonl, TensorBoard scalars beside it, and
-a progress display (a bar with ETA on a terminal, plain lines otherwise)."""
+"""What a run writes as it goes: one JSON line per logging step in metrics.jsonl, TensorBoard
+scalars beside it, the start-up block, and a progress display (a bar with ETA on a terminal, plain
+lines otherwise). The classification metrics (AUC, F1, ...) are ``dinocxr_fast/metrics.py``."""
 from __future__ import annotations
 
 import json
