@@ -26,6 +26,7 @@ from dinocxr_fast.runtime import distributed
 from dinocxr_fast.runtime.run_log import MetricsWriter, Progress, print_startup
 
 log = logging.getLogger("dinocxr_fast.train")
+SLOW_CHECKPOINT_S = 1.0  # checkpoint writes at least this long get a console line
 
 
 class NonFiniteLossError(RuntimeError):
@@ -246,8 +247,11 @@ class TrainingJob:
         t0, c0 = time.perf_counter(), self.clock()
         path = self.save_checkpoint()
         self.budget.checkpoint_took(self.clock() - c0)
-        if path is not None:
-            progress.write(f"checkpoint written: {path} ({time.perf_counter() - t0:.1f} s)")
+        took = time.perf_counter() - t0
+        # A write that the eye would notice says so; the routine sub-second ones (every epoch end
+        # of a short run) stay off the console: summary.md names the checkpoints.
+        if path is not None and took >= SLOW_CHECKPOINT_S:
+            progress.write(f"checkpoint written: {path} ({took:.1f} s)")
 
     def non_finite(self, what: str, outputs: dict[str, torch.Tensor], debug: dict) -> NonFiniteLossError:
         """Save the last good state (the weights before this step) and what is needed to debug it;
