@@ -14,6 +14,7 @@ so a crash mid-write never leaves half a file.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -94,8 +95,12 @@ def environment(device: torch.device) -> dict:
 
 
 def cache_path(device: torch.device) -> Path:
+    """One file per device and environment: two checkouts or virtual environments on one machine
+    (another torch, another build of the extension) keep their own verdicts instead of
+    overwriting each other's at every start."""
     slug = re.sub(r"[^A-Za-z0-9]+", "-", device_name(device)).strip("-").lower()[:80] or "device"
-    return cache_dir() / f"backends-{device.type}-{slug}.json"
+    env = hashlib.sha1(json.dumps(environment(device), sort_keys=True).encode()).hexdigest()[:10]
+    return cache_dir() / f"backends-{device.type}-{slug}-{env}.json"
 
 
 def load(device: torch.device) -> dict[str, dict]:
