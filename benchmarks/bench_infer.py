@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from benchmarks import _harness as H
-from dinocxr_fast import export
+from dinocxr_fast import artefact, export
 from dinocxr_fast.classifier import build_classifier, classifier_record, save_classifier
 from dinocxr_fast.data import EvalConfig
 
@@ -48,7 +48,7 @@ def run(args) -> list[H.Record]:
         session = ort.InferenceSession(str(onnx_path), providers=providers)
         compiled = torch.compile(model) if not args.no_compile else None
         trt_run = None
-        reason = export.tensorrt_available()
+        reason = artefact.tensorrt_available()
         if reason is None:
             from dinocxr_fast.infer import tensorrt_runner  # noqa: PLC0415
 

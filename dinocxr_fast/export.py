@@ -10,14 +10,18 @@ beside each artefact as ``<name>.json``; ``infer`` reads it.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 from pathlib import Path
 from typing import Iterator
 
+from dinocxr_fast.artefact import (
+    metadata_for,
+    read_metadata,
+    tensorrt_available,
+    write_metadata,
+)
 from dinocxr_fast.cli import parser as cli_parser
-
 
 STANDARD_DOMAINS = ("", "ai.onnx")
 
@@ -45,39 +49,6 @@ def reference_ops() -> Iterator[None]:
 
 TRACED_BACKENDS = ("torch (the vendor path: plain PyTorch, SDPA) for every fused op while tracing; the graph holds "
                    "standard ONNX nodes only")
-
-
-def sha256_of(path: Path) -> str:
-    from dinocxr_fast.runtime.checkpoint import sha256_file  # noqa: PLC0415  (imports torch: after --help)
-
-    return sha256_file(path)
-
-
-def metadata_for(record: dict, checkpoint: Path, *, features_only: bool, precision: str = "fp32") -> dict:
-    e = record["eval"]
-    return {
-        "input": {"channels": int(record["model"]["in_chans"]), "size": int(e["crop"]), "resize": int(e["resize"]),
-                  "mean": float(e["mean"]), "std": float(e["std"]), "interpolation": e.get("interpolation", "bicubic")},
-        "output": "features" if features_only else "logits",
-        "classes": list(record["classes"]),
-        "arch": record["model"]["arch"],
-        "source_checkpoint": str(checkpoint),
-        "source_sha256": sha256_of(checkpoint),
-        "precision": precision,
-    }
-
-
-def write_metadata(artefact: Path, meta: dict) -> Path:
-    path = artefact.with_suffix(artefact.suffix + ".json")
-    path.write_text(json.dumps(meta, indent=2) + "\n")
-    return path
-
-
-def read_metadata(artefact: Path) -> dict:
-    path = Path(artefact).with_suffix(Path(artefact).suffix + ".json")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: export writes it beside {artefact}")
-    return json.loads(path.read_text())
 
 
 def export_onnx(checkpoint: str | Path, out: str | Path, *, features_only: bool = False, opset: int = 17,
@@ -123,19 +94,6 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, features_only: bool 
 # Plain fp16 builds are known to lose ViT accuracy in LayerNorm, softmax and reductions: those
 # layers are pinned to fp32 (with OBEY_PRECISION_CONSTRAINTS) while matmuls and convs run in fp16.
 FP32_LAYER_TYPES = ("NORMALIZATION", "SOFTMAX", "REDUCE")
-
-
-def tensorrt_available() -> str | None:
-    """None when TensorRT can build here, else the reason it cannot."""
-    try:
-        import tensorrt  # noqa: F401, PLC0415
-    except ImportError:
-        return "tensorrt is not installed (pip install tensorrt)"
-    import torch  # noqa: PLC0415
-
-    if not torch.cuda.is_available():
-        return "TensorRT needs a CUDA GPU"
-    return None
 
 
 def build_tensorrt(onnx_path: str | Path, plan_path: str | Path, *, precision: str = "fp16", max_batch: int = 64,

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from dinocxr_fast.artefact import metadata_for, read_metadata, tensorrt_available
 from dinocxr_fast.cli import parser as cli_parser
 from dinocxr_fast.runtime.run_log import Progress, print_startup
 
@@ -79,10 +80,7 @@ def torch_runner(checkpoint: Path, device) -> tuple[Callable, dict, torch.nn.Mod
     from dinocxr_fast.classifier import load_classifier  # noqa: PLC0415
 
     model, record = load_classifier(checkpoint, device)
-    e = record["eval"]
-    meta = {"input": {"channels": record["model"]["in_chans"], "size": e["crop"], "resize": e["resize"],
-                      "mean": e["mean"], "std": e["std"], "interpolation": e.get("interpolation", "bicubic")},
-            "classes": record["classes"], "output": "logits", "arch": record["model"]["arch"]}
+    meta = metadata_for(record)
 
     @torch.no_grad()
     def run(images: torch.Tensor) -> np.ndarray:
@@ -93,8 +91,6 @@ def torch_runner(checkpoint: Path, device) -> tuple[Callable, dict, torch.nn.Mod
 
 def onnxruntime_runner(path: Path) -> tuple[Callable, dict]:
     import onnxruntime as ort  # noqa: PLC0415
-
-    from dinocxr_fast.export import read_metadata  # noqa: PLC0415
 
     meta = read_metadata(path)
     providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
@@ -109,8 +105,6 @@ def onnxruntime_runner(path: Path) -> tuple[Callable, dict]:
 
 
 def tensorrt_runner(path: Path) -> tuple[Callable, dict]:
-    from dinocxr_fast.export import read_metadata, tensorrt_available  # noqa: PLC0415
-
     reason = tensorrt_available()
     if reason:
         raise RuntimeError(reason)

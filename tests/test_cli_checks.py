@@ -13,7 +13,7 @@ from PIL import Image
 
 from data_helpers import cxr_sample
 
-from dinocxr_fast import evaluate, export, infer, train
+from dinocxr_fast import artefact, evaluate, export, infer, train
 from dinocxr_fast.runtime import data as data_setup
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ def test_evaluate_missing_split_names_the_existing_ones(tmp_path, capsys):
 
 def test_export_trt_without_tensorrt_refused_before_any_work(tmp_path, capsys):
     pytest.importorskip("onnx")
-    if export.tensorrt_available() is None:
+    if artefact.tensorrt_available() is None:
         pytest.skip("TensorRT works here")
     out = tmp_path / "m.onnx"
     assert export.main(["--checkpoint", str(tmp_path / "none.pt"), "--out", str(out), "--trt", str(tmp_path / "m.plan")]) == 1

@@ -13,7 +13,7 @@ from PIL import Image
 
 from data_helpers import cxr_sample
 
-from dinocxr_fast import export, infer
+from dinocxr_fast import artefact, export, infer
 from dinocxr_fast.classifier import build_classifier, classifier_record, load_classifier, save_classifier
 from dinocxr_fast.data import EvalConfig
 
@@ -57,7 +57,7 @@ def test_onnx_graph_is_standard_and_matches_torch(classifier, onnx_model, sample
     onnx.checker.check_model(graph)
     assert {n.domain for n in graph.graph.node} <= set(export.STANDARD_DOMAINS)
     assert graph.opset_import[0].version >= 17
-    meta = export.read_metadata(onnx_model)
+    meta = artefact.read_metadata(onnx_model)
     assert meta["input"]["size"] == SIZE and meta["classes"] == ["normal", "pneumonia"]
     assert len(meta["source_sha256"]) == 64
 
@@ -82,7 +82,7 @@ def test_features_export(classifier, tmp_path):
     out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
         None, {"images": np.zeros((2, 1, SIZE, SIZE), np.float32)})[0]
     assert out.shape == (2, 64)  # vitaev2_tiny's feature width
-    assert export.read_metadata(path)["output"] == "features"
+    assert artefact.read_metadata(path)["output"] == "features"
 
 
 def test_infer_csv_same_for_onnx_and_torch_and_reports_bad_files(classifier, onnx_model, sample_images, tmp_path):
@@ -127,14 +127,14 @@ def test_clear_errors(tmp_path, capsys):
 
 @pytest.mark.cuda
 def test_tensorrt_fp16_engine_matches_onnxruntime(onnx_model, sample_images, tmp_path):
-    reason = export.tensorrt_available()
+    reason = artefact.tensorrt_available()
     if reason:
         pytest.skip(reason)
     import onnxruntime as ort
 
     plan = export.build_tensorrt(onnx_model, tmp_path / "model.plan", precision="fp16", max_batch=16,
                                  timing_cache=tmp_path / "cache")
-    meta = export.read_metadata(plan)
+    meta = artefact.read_metadata(plan)
     images = preprocessed(sample_images, meta)
     run, _ = infer.tensorrt_runner(plan)
     ours = run(images)
