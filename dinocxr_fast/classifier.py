@@ -19,6 +19,7 @@ from dinocxr_fast.models import create_model
 from dinocxr_fast.runtime import checkpoint as ckpt
 
 CLASSIFIER_FORMAT = "dinocxr_fast.classifier/1"
+FEATURE_BATCH = 64  # images per batch of a feature extraction
 
 
 class Classifier(nn.Module):
@@ -136,3 +137,32 @@ def predict(model: nn.Module, loader, autocast=None, progress=None) -> tuple[tor
     finally:
         model.train(was_training)
     return torch.cat(probs), torch.cat(labels)
+
+
+@torch.no_grad()
+def extract_features(backbone: nn.Module, source, eval_cfg, device, loader_backend: str, autocast,
+                     progress_desc: str | None = None, batch_size: int = FEATURE_BATCH,
+                     keep_on_device: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen-backbone features and labels of every image of ``source`` (eval transform), in eval
+    mode (the backbone's mode is restored after); with ``progress_desc``, a progress line per batch.
+    The linear probe, the kNN monitor and ssl_quality all take their features from here."""
+    from dinocxr_fast.data import build_eval_loader  # noqa: PLC0415
+    from dinocxr_fast.runtime.run_log import Progress  # noqa: PLC0415
+
+    loader = build_eval_loader(source, eval_cfg, batch_size, device=device, backend=loader_backend, num_threads=2)
+    progress = Progress(len(loader), enabled=progress_desc is not None, unit="batch", desc=progress_desc)
+    was_training = backbone.training
+    backbone.eval()
+    feats, labels = [], []
+    try:
+        for i, (images, y) in enumerate(loader, start=1):
+            with autocast():
+                f = backbone(images).float()
+            feats.append(f if keep_on_device else f.cpu())
+            labels.append(y if keep_on_device else y.cpu())
+            progress.update(i, {"images": str(sum(len(f) for f in feats))})
+    finally:
+        progress.close()
+        loader.close()
+        backbone.train(was_training)
+    return torch.cat(feats), torch.cat(labels)

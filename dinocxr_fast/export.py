@@ -18,6 +18,7 @@ from typing import Iterator
 from dinocxr_fast.artefact import (
     metadata_for,
     read_metadata,
+    sha256_of,
     tensorrt_available,
     write_metadata,
 )

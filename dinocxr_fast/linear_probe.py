@@ -16,12 +16,14 @@ import torch.nn.functional as F
 
 from dinocxr_fast import optim
 from dinocxr_fast.classifier import (
+    FEATURE_BATCH,
     build_classifier,
     classifier_record,
+    extract_features,
     load_backbone,
     save_classifier,
 )
-from dinocxr_fast.data import Source, build_eval_loader
+from dinocxr_fast.data import Source
 from dinocxr_fast.data.prepared import PreparedSource
 from dinocxr_fast.evaluate import require_every_class, write_report
 from dinocxr_fast.metrics import classification_metrics
@@ -29,9 +31,9 @@ from dinocxr_fast.runtime import backends as backend_plan
 from dinocxr_fast.runtime import checkpoint as ckpt
 from dinocxr_fast.runtime import data as data_setup
 from dinocxr_fast.runtime import distributed
+from dinocxr_fast.runtime.precision import autocast as precision_autocast
+from dinocxr_fast.runtime.precision import resolve_precision
 from dinocxr_fast.runtime.run_log import MetricsWriter, Progress, print_startup
-
-FEATURE_BATCH = 64  # images per batch of the feature extraction
 
 
 def _source_fingerprint(source: Source) -> list:
@@ -56,27 +58,6 @@ def cache_key(backbone: torch.nn.Module, sources: dict[str, Source], eval_cfg: d
     h.update(json.dumps({k: _source_fingerprint(v) for k, v in sorted(sources.items())}).encode())
     h.update(json.dumps(eval_cfg, sort_keys=True).encode())
     return h.hexdigest()[:24]
-
-
-@torch.no_grad()
-def extract_features(backbone, source: Source, eval_cfg, device, loader_backend: str, autocast,
-                     progress_desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frozen-backbone features of every image of ``source``; with ``progress_desc``, a progress
-    line per batch (the extraction is the long part of a linear evaluation)."""
-    loader = build_eval_loader(source, eval_cfg, FEATURE_BATCH, device=device, backend=loader_backend, num_threads=2)
-    progress = Progress(len(loader), enabled=progress_desc is not None, unit="batch", desc=progress_desc)
-    backbone.eval()
-    feats, labels = [], []
-    try:
-        for i, (images, y) in enumerate(loader, start=1):
-            with autocast():
-                feats.append(backbone(images).float().cpu())
-            labels.append(y.cpu())
-            progress.update(i, {"images": str(sum(len(f) for f in feats))})
-    finally:
-        progress.close()
-        loader.close()
-    return torch.cat(feats), torch.cat(labels)
 
 
 def train_head_grid(x_train: torch.Tensor, y_train: torch.Tensor, num_classes: int, lrs: list[float],
@@ -130,12 +111,10 @@ def run_linear(cfg: dict, run_dir: Path, *, show_progress: bool = True) -> dict:
     d, m, lin, t = cfg["data"], cfg["model"], cfg["linear"], cfg["train"]
     torch.manual_seed(int(t["seed"]))
     device = distributed.device_from(t["device"])
-    precision = "bf16" if device.type == "cuda" and t["precision"] in ("auto", "bf16") else "fp32"
+    precision = resolve_precision(t["precision"], device)
 
     def autocast():
-        if precision == "fp32":
-            return torch.autocast(device.type, enabled=False)
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return precision_autocast(device, precision)
 
     train_src, val_src, test_src, test_split = data_setup.supervised_sources(d)
     classes = list(train_src.classes)

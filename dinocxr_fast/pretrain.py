@@ -17,7 +17,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from dinocxr_fast import optim
-from dinocxr_fast.data import build_eval_loader, build_pretrain_loader
+from dinocxr_fast.classifier import extract_features
+from dinocxr_fast.data import build_pretrain_loader
 from dinocxr_fast.dino import DINOLoss
 from dinocxr_fast.dino import build as dino_build
 from dinocxr_fast.dino.ema import ema_lerp, ema_pairs
@@ -285,23 +286,10 @@ class PretrainJob(TrainingJob):
         if sources is None or not self.is_main:
             return None
         eval_cfg = data_setup.eval_config(t["knn_size"], int(self.cfg["model"]["in_chans"]))
-        backbone = self.teacher.backbone
-        was_training = backbone.training
-        backbone.eval()
-        feats = {}
-        try:
-            for split, source in zip(("train", "val"), sources[:2]):
-                loader = build_eval_loader(source, eval_cfg, 32, device=self.device,
-                                           backend=data_setup.loader_backend(self.cfg["data"]), num_threads=2)
-                xs, ys = [], []
-                for images, labels in loader:
-                    with self.autocast():
-                        xs.append(backbone(images).float())
-                    ys.append(labels)
-                loader.close()
-                feats[split] = (torch.cat(xs), torch.cat(ys))
-        finally:
-            backbone.train(was_training)
+        feats = {split: extract_features(self.teacher.backbone, source, eval_cfg, self.device,
+                                         data_setup.loader_backend(self.cfg["data"]), self.autocast, batch_size=32,
+                                         keep_on_device=True)
+                 for split, source in zip(("train", "val"), sources[:2])}
         return knn_accuracy(*feats["train"], *feats["val"], k=int(t["knn_k"]), temperature=float(t["knn_temperature"]))
 
     def _knn(self, epoch: int, progress: Progress | None) -> None:

@@ -21,8 +21,9 @@ from dinocxr_fast.cli import command_start
 from dinocxr_fast.config import save_config
 from dinocxr_fast.ops import _dispatch
 from dinocxr_fast.runtime import checkpoint as ckpt
-from dinocxr_fast.runtime.budget import Budget
 from dinocxr_fast.runtime import distributed
+from dinocxr_fast.runtime.budget import Budget
+from dinocxr_fast.runtime.precision import autocast, resolve_precision
 from dinocxr_fast.runtime.run_log import MetricsWriter, Progress, print_startup
 
 log = logging.getLogger("dinocxr_fast.train")
@@ -37,16 +38,6 @@ class NonFiniteLossError(RuntimeError):
 class StopReason:
     kind: str = "done"  # done | max_steps | max_minutes | signal
     detail: str = ""
-
-
-def resolve_precision(choice: str, device: torch.device) -> str:
-    if choice == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    if choice not in ("bf16", "fp16", "fp32"):
-        raise ValueError(f"unknown train.precision={choice!r} (auto, bf16, fp16, fp32)")
-    if choice == "fp16" and device.type != "cuda":
-        raise ValueError("train.precision=fp16 needs a GPU; use fp32 or bf16 on the CPU")
-    return choice
 
 
 def peak_mem_mb(device: torch.device) -> float:
@@ -277,10 +268,7 @@ class TrainingJob:
 
     # ---- helpers ------------------------------------------------------------------------------------
     def autocast(self):
-        if self.precision == "fp32":
-            return torch.autocast(self.device.type, enabled=False)
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return autocast(self.device, self.precision)
 
     def _install_signal_handlers(self) -> dict:
         def handler(signum, _frame):
