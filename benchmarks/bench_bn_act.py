@@ -12,7 +12,7 @@ Modes:
   bn_act_*       the BatchNorm + SiLU part alone on a fixed conv output (what the cpp backend fuses).
 Ours: ``conv_bn_act(backend="cpp")`` (aten convolution, then the fused csrc/cpu/bn_act kernels).
 Peer: ``conv_bn_act(backend="torch")``, the reference (F.conv2d -> F.batch_norm -> F.silu), in the
-same process on the same inputs; bn_act rows compare ``ops.bn_act.bn_act_cpu`` with
+same process on the same inputs; bn_act rows compare ``ops.bn_act_cpu.bn_act_cpu`` with
 F.batch_norm + F.silu. Timing: each contender run round-robin (``_harness.time_interleaved``),
 median in ms; ratio = peer / ours (above 1: ours is faster).
 Limit: ``bytes`` is the minimum traffic of the mode (``MIN_TRAFFIC``: each activation-sized tensor
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from benchmarks import _harness as H
 from dinocxr_fast import _ext
-from dinocxr_fast.ops.bn_act import bn_act_cpu
+from dinocxr_fast.ops.bn_act_cpu import bn_act_cpu
 from dinocxr_fast.ops.conv_bn_act import conv_bn_act
 
 BATCH = 64

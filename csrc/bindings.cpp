@@ -580,7 +580,7 @@ at::Tensor pcm_fused_cuda(const at::Tensor& x, const at::Tensor& w1, const at::T
 }  // namespace
 
 // The CPU BatchNorm + activation as dispatcher ops: their forward kernels run with no Python in
-// between. Fake (meta) kernels and autograd are registered from Python (dinocxr_fast/ops/bn_act.py,
+// between. Fake (meta) kernels and autograd are registered from Python (dinocxr_fast/ops/bn_act_cpu.py,
 // torch.library.register_fake / register_autograd).
 TORCH_LIBRARY_FRAGMENT(dinocxr, m) {
   m.def("bn_act_cpu(Tensor y, Tensor bn_weight, Tensor bn_bias, Tensor running_mean, Tensor running_var, "

@@ -256,7 +256,7 @@ def test_a_backend_failing_in_its_backward_is_demoted_and_the_step_recomputed(tm
     """The forward is gone when a backward kernel fails: the training loop demotes the backend
     (every op it serves) and recomputes the step on the vendor path; the run ends normally."""
     from dinocxr_fast import train
-    from dinocxr_fast.ops import bn_act
+    from dinocxr_fast.ops import bn_act_cpu as bn_act
 
     failures = []
 

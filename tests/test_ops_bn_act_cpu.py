@@ -14,12 +14,12 @@ import torch.nn.functional as F
 
 from dinocxr_fast import _ext
 from dinocxr_fast.ops import _backend, _dispatch
-from dinocxr_fast.ops.bn_act import bn_act_cpu
+from dinocxr_fast.ops.bn_act_cpu import bn_act_cpu
 from dinocxr_fast.ops.conv_bn_act import conv_bn_act, conv_bn_act_reference
 
 conv_mod = importlib.import_module("dinocxr_fast.ops.conv_bn_act")
 pcm_mod = importlib.import_module("dinocxr_fast.ops.pcm")
-bn_act_mod = importlib.import_module("dinocxr_fast.ops.bn_act")
+bn_act_mod = importlib.import_module("dinocxr_fast.ops.bn_act_cpu")
 
 pytestmark = pytest.mark.skipif(not _ext.has_cpp(), reason="the C++ extension is not built")
 
@@ -123,7 +123,7 @@ def test_running_statistics_after_several_steps():
 def test_one_batchnorm_on_two_backends_in_one_graph_backpropagates(first, second):
     """A BatchNorm can run on the vendor path and then on cpp in one step (auto decides per shape:
     the global and the local crops). F.batch_norm saved the running statistics for its backward, so
-    the fused path must update them without bumping their autograd version (ops/bn_act.py)."""
+    the fused path must update them without bumping their autograd version (ops/bn_act_cpu.py)."""
     def step(backends):
         torch.manual_seed(0)
         w = torch.randn(8, 4, 3, 3, requires_grad=True)

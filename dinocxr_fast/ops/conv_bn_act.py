@@ -21,7 +21,7 @@ the kernels do not cover falls back to the reference under ``backend="auto"`` an
 
 The ``cpp`` backend (CPU) runs the convolution through aten exactly as the reference does
 (``F.conv2d`` on the channels-last NCHW view: oneDNN, ordinary autograd) and BatchNorm + activation
-as one fused op (``ops.bn_act``, csrc/cpu/bn_act*.cpp): in training one read pass for the batch
+as one fused op (``ops.bn_act_cpu``, csrc/cpu/bn_act*.cpp): in training one read pass for the batch
 statistics and one pass writing the activations (eager: statistics, normalisation, activation, each
 its own pass and its own output tensor), in eval one pass; backward two passes (eager: the
 activation's backward, then BatchNorm's reduction and its elementwise pass). It computes in
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from dinocxr_fast.ops import _dispatch as rule
 from dinocxr_fast.ops import _verify
 from dinocxr_fast.ops._checks import check_same_device, check_tensor
-from dinocxr_fast.ops.bn_act import bn_act_cpu
+from dinocxr_fast.ops.bn_act_cpu import bn_act_cpu
 from dinocxr_fast.ops.conv_bn_act_cuda import _conv_bn_act_cuda, _pair, compute_dtype, cuda_or_fallback
 
 # The backends per device type; kernels add their names here and a function to _KERNELS.
@@ -182,7 +182,7 @@ def run_conv_bn_act(x, weight, bias, stride, padding, dilation, groups, bn, eps,
 
 
 # ==============================================================================================
-# cpp backend (CPU): the aten convolution, then BatchNorm + activation fused (ops/bn_act.py)
+# cpp backend (CPU): the aten convolution, then BatchNorm + activation fused (ops/bn_act_cpu.py)
 # ==============================================================================================
 def _cpp_unsupported(x, weight, bias, bn) -> tuple[str, str] | None:
     """(argument, why) when the cpp backend does not cover this call, else None."""

@@ -24,7 +24,7 @@ import torch
 
 from dinocxr_fast import _ext
 from dinocxr_fast.ops import _dispatch as rule
-from dinocxr_fast.ops.bn_act import update_running_stats
+from dinocxr_fast.ops._batchnorm import update_running_stats
 
 _ACT_CODE = {None: 0, "silu": 1, "gelu": 2, "relu": 3}
 _ACT_NAME = {code: name for name, code in _ACT_CODE.items()}

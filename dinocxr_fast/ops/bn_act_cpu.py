@@ -27,6 +27,7 @@ import torch
 
 from dinocxr_fast import _ext
 from dinocxr_fast.ops import _dispatch
+from dinocxr_fast.ops._batchnorm import update_running_stats
 
 ACT_CODE = {None: 0, "silu": 1, "gelu": 2, "relu": 3}
 
@@ -99,13 +100,3 @@ def bn_act_cpu(
     if training:
         update_running_stats(running_mean, running_var, running[0], running[1])
     return out
-
-
-def update_running_stats(running_mean, running_var, new_mean, new_var) -> None:
-    """Write a fused kernel's new running statistics the way F.batch_norm's own update is written:
-    invisible to autograd (through ``.data``, which does not bump the version counter). The same
-    BatchNorm may already have run on the vendor path in this graph (another crop size, another
-    backend choice), and F.batch_norm saves the running statistics for its backward: a tracked
-    in-place write here would fail that backward ("modified by an inplace operation")."""
-    running_mean.data.copy_(new_mean)
-    running_var.data.copy_(new_var)
