@@ -80,6 +80,7 @@ class DecodeGuards(_Section):
 
 
 class PretrainData(DecodeGuards):
+    source: Optional[dict] = None  # data/sources.source_from_config's mapping; checked when the source is built
     path: Optional[str] = None
     csv: Optional[str] = None
     split: Optional[str] = None

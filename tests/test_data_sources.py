@@ -171,3 +171,29 @@ def test_source_from_config(tmp_path):
     assert len(syn) == 6 and not syn.labelled
     with pytest.raises(ValueError, match="unknown source kind"):
         source_from_config({"kind": "tfrecord"})
+
+
+def test_pretraining_builds_any_source_kind_from_the_config(tmp_path):
+    """data.source goes through source_from_config, the one way a config becomes a source (here a
+    folder and the phantoms; dicom / csv / covidx take the same road); mistakes are one-line config errors."""
+    from PIL import Image
+
+    from dinocxr_fast.config import ConfigError, load_config
+    from dinocxr_fast.runtime import data as data_setup
+
+    for i in range(3):
+        Image.new("L", (32, 32), 40 * i).save(tmp_path / f"img{i}.png")
+
+    def source(*sets):
+        return data_setup.pretrain_source(load_config("tiny_cpu", {}, list(sets))["data"], seed=0)
+
+    folder = source(f"data.source={{kind: imagefolder, root: {tmp_path}}}")
+    assert len(folder.samples) == 3 and not folder.labelled
+    phantoms = source("data.source={kind: synthetic, n: 5, size: 32}")
+    assert len(phantoms.samples) == 5 and not phantoms.labelled
+    for sets, match in [((f"data.source={{kind: imagefolder, root: {tmp_path}}}", f"data.path={tmp_path}"), "both"),
+                        (("data.source={kind: bogus}",), "unknown source kind"),
+                        (("data.source={kind: imagefolder}",), "needs the key 'root'"),
+                        (("data.source={root: /tmp}",), "must be a mapping with a kind")]:
+        with pytest.raises(ConfigError, match=match):
+            source(*sets)

@@ -5,19 +5,24 @@ import functools
 import os
 from pathlib import Path
 
-
+from dinocxr_fast.config import ConfigError
 from dinocxr_fast.data import (
-    CsvSource,
     DatasetError,
     EvalConfig,
     ImageFolderSource,
     Source,
-    SyntheticSource,
     ViewsConfig,
     dali_available,
     label_fraction,
+    source_from_config,
 )
-from dinocxr_fast.data.prepared import INDEX, PreparedDataset, PreparedSource, is_prepared
+from dinocxr_fast.data.imageio import policy_from_config
+from dinocxr_fast.data.prepared import (
+    INDEX,
+    PreparedDataset,
+    PreparedSource,
+    is_prepared,
+)
 
 
 def _prepared(root: Path) -> PreparedDataset | None:
@@ -31,15 +36,34 @@ def _prepared(root: Path) -> PreparedDataset | None:
 @functools.lru_cache(maxsize=4)
 def _open_prepared(root: str, index_mtime_ns: int) -> PreparedDataset:
     return PreparedDataset(root)
-from dinocxr_fast.data.imageio import policy_from_config
 
 
 def pretrain_source(data_cfg: dict, seed: int) -> Source:
-    """Unlabelled images: the user's folder or CSV list, or the embedded synthetic phantoms."""
+    """Unlabelled images, always through ``data.sources.source_from_config`` (the one way a config
+    becomes a source): ``data.source`` (any kind, e.g. ``{kind: dicom, root: ...}`` or
+    ``{kind: covidx, csv_path: ..., image_root: ...}``), or the shorthand ``data.path`` / ``csv`` /
+    ``split``, or the embedded synthetic phantoms."""
     policy_from_config(data_cfg)
-    path = data_cfg.get("path")
+    spec, path = data_cfg.get("source"), data_cfg.get("path")
+    if spec is not None:
+        if path is not None or data_cfg.get("csv"):
+            raise ConfigError("data.source and data.path / data.csv both given: set one of them")
+        if not isinstance(spec, dict) or "kind" not in spec:
+            raise ConfigError(f"data.source must be a mapping with a kind (imagefolder, dicom, csv, covidx, "
+                              f"synthetic), got {spec!r}")
+        if spec["kind"] in ("imagefolder", "dicom"):  # pretraining reads flat folders too (no class sub-folders)
+            spec = {"labelled": False, **spec}
+        try:
+            return source_from_config({**spec, "unlabelled": True})
+        except DatasetError:
+            raise
+        except KeyError as exc:
+            raise ConfigError(f"data.source of kind {spec['kind']!r} needs the key {exc}") from None
+        except (TypeError, ValueError) as exc:  # an unknown kind or argument: a config problem
+            raise ConfigError(f"data.source: {exc}") from None
     if path is None:
-        return SyntheticSource(int(data_cfg["synthetic_count"]), int(data_cfg["synthetic_size"]), seed=seed).unlabelled()
+        return source_from_config({"kind": "synthetic", "n": int(data_cfg["synthetic_count"]),
+                                   "size": int(data_cfg["synthetic_size"]), "seed": seed, "unlabelled": True})
     root = Path(path).expanduser()
     if not root.exists():
         raise DatasetError(f"data.path {root} does not exist")
@@ -57,20 +81,23 @@ def pretrain_source(data_cfg: dict, seed: int) -> Source:
         if not root.is_dir():
             raise DatasetError(f"data.split folder {root} does not exist")
     if data_cfg.get("csv"):
-        return CsvSource(data_cfg["csv"], str(root)).unlabelled()
-    return ImageFolderSource(root, labelled=False)
+        return source_from_config({"kind": "csv", "csv_path": data_cfg["csv"], "image_root": str(root),
+                                   "unlabelled": True})
+    return source_from_config({"kind": "imagefolder", "root": root, "labelled": False})
 
 
 def views_config(data_cfg: dict, channels: int, dtype: str = "float32") -> ViewsConfig:
+    """The config's view keys as a ``ViewsConfig.from_dict`` mapping (the one way views are built)."""
     kind = data_cfg["views"]
     common = {"channels": channels, "dtype": dtype, "augment": data_cfg.get("augment")}
     if kind == "dino_cxr":
-        return ViewsConfig.dino_cxr(size=int(data_cfg["view_size"]), n_views=int(data_cfg["n_views"]),
-                                    scale=tuple(data_cfg["global_scale"]), **common)
+        return ViewsConfig.from_dict({"preset": kind, "size": int(data_cfg["view_size"]),
+                                      "n_views": int(data_cfg["n_views"]), "scale": data_cfg["global_scale"], **common})
     if kind == "dino_multicrop":
-        return ViewsConfig.dino_multicrop(global_size=int(data_cfg["view_size"]), local_size=int(data_cfg["local_size"]),
-                                          n_local=int(data_cfg["n_local"]), global_scale=tuple(data_cfg["global_scale"]),
-                                          local_scale=tuple(data_cfg["local_scale"]), **common)
+        return ViewsConfig.from_dict({"preset": kind, "global_size": int(data_cfg["view_size"]),
+                                      "local_size": int(data_cfg["local_size"]), "n_local": int(data_cfg["n_local"]),
+                                      "global_scale": data_cfg["global_scale"], "local_scale": data_cfg["local_scale"],
+                                      **common})
     raise ValueError(f"unknown data.views={kind!r} (dino_cxr, dino_multicrop)")
 
 
