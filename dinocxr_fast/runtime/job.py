@@ -342,7 +342,7 @@ class TrainingJob:
                 epoch = self.step // self.steps_per_epoch
                 self.loader.set_epoch(epoch)
                 batches = iter(self.loader)
-                timed_out = False
+                timed_out = stop_agreed = False
                 while self.step < self.end_step(max_steps) and self.step // self.steps_per_epoch == epoch:
                     t_step, t_wait = self.clock(), time.perf_counter()
                     try:
@@ -364,10 +364,16 @@ class TrainingJob:
                     self.budget.step_took(self.clock() - t_step)
                     self.on_step_end(deadline, progress)
                     if self._stop_requested():
+                        stop_agreed = True
                         break
                     if self.step < self.end_step(max_steps) and self._out_of_time(self._next_step_fits()):
                         timed_out = True
                         break
+                # A signal that came after this epoch's last per-step agreement is so far one rank's
+                # news: agree on it on every rank before acting, or one rank leaves and the others
+                # wait for it in the next step's all-reduce (the inner loop ended alike on all ranks).
+                if not stop_agreed:
+                    self._stop_requested()
                 if self._signal:
                     self.stop = StopReason("signal", self._signal)
                     break
