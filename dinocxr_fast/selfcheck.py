@@ -31,6 +31,7 @@ SHAPES = {
     ("cpu", False): ("vitaev2_tiny", 32, 64, 1024),
     ("cpu", True): ("vitaev2_tiny", 4, 64, 1024),
 }
+SELFCHECK_BUDGET_S = 0.5  # seconds of alternating timing per case and backend (up to 25 runs each)
 
 
 def record(device: torch.device, quick: bool) -> list:
@@ -65,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(name)
     t0 = time.perf_counter()
     calls = record(device, args.quick)
-    rows = _dispatch.plan(calls, reverify=True, check_vendor=True,
+    # A measurement, not a start-up: time each case longer than the trainer's plan does (50 ms on
+    # the CPU), so choices near the 1.03x threshold stop flipping between runs.
+    rows = _dispatch.plan(calls, reverify=True, check_vendor=True, time_budget_s=SELFCHECK_BUDGET_S,
                           progress=lambda m: print(f"selfcheck: {m}", file=sys.stderr, flush=True))
     wall = time.perf_counter() - t0
     env = _verdict_cache.environment(device)

@@ -270,7 +270,7 @@ class PlanRow:
 
 def plan(calls: Sequence[tuple[str, torch.device, dict]], *, reverify: bool = False, check_vendor: bool = False,
          isolate: Callable[[str, torch.device], bool] = _isolate,
-         progress: Callable[[str], None] | None = None) -> list[PlanRow]:
+         progress: Callable[[str], None] | None = None, time_budget_s: float | None = None) -> list[PlanRow]:
     """Verify and time every custom backend for every distinct (op, device, case) in ``calls``
     that holds no verdict yet (all of them with ``reverify``), store the verdicts (memory and
     cache) and return one row per distinct call. Where an op has no custom backend on the device
@@ -296,7 +296,8 @@ def plan(calls: Sequence[tuple[str, torch.device, dict]], *, reverify: bool = Fa
         if progress:
             progress(f"verifying {op} {_verify.spec(op).describe(case)} ({i + 1}/{len(inline)})")
         try:
-            verdicts = _verify.verify_case(_verify.spec(op), case, names, device, check_vendor=check_vendor)
+            verdicts = _verify.verify_case(_verify.spec(op), case, names, device, check_vendor=check_vendor,
+                                           time_budget_s=time_budget_s)
         except Exception as exc:  # noqa: BLE001 - the reference or the vendor path failed: trust nothing here
             verdicts = _verify.failed(names, f"verification failed: {type(exc).__name__}: {exc}"[:300])
         _store(op, device, case, verdicts)
@@ -305,7 +306,7 @@ def plan(calls: Sequence[tuple[str, torch.device, dict]], *, reverify: bool = Fa
         device = torch.device(device_str)
         if progress:
             progress(f"verifying backend {name} on {device} in a child process ({len(jobs)} cases)")
-        for (op, case, _), verdicts in zip(jobs, _verify.verify_isolated(jobs, device)):
+        for (op, case, _), verdicts in zip(jobs, _verify.verify_isolated(jobs, device, time_budget_s=time_budget_s)):
             _store(op, device, case, verdicts)
         touched.add(device)
     for device in touched:

@@ -226,7 +226,7 @@ def verify_case(spec_: OpSpec, case: dict, backends: Sequence[str], device: torc
 
 
 # ---- isolation -------------------------------------------------------------------------------------
-def _child(conn, op_refs: dict, device: str, jobs: list, env: dict) -> None:
+def _child(conn, op_refs: dict, device: str, jobs: list, env: dict, time_budget_s: float | None = None) -> None:
     os.environ.update(env)
     for op, ref in op_refs.items():
         register(op, ref)
@@ -234,7 +234,7 @@ def _child(conn, op_refs: dict, device: str, jobs: list, env: dict) -> None:
     conn.send(("ready",))
     for i, (op, case, backends) in enumerate(jobs):
         conn.send(("start", i))
-        conn.send(("done", i, verify_case(spec(op), case, backends, dev)))
+        conn.send(("done", i, verify_case(spec(op), case, backends, dev, time_budget_s=time_budget_s)))
     conn.close()
 
 
@@ -244,7 +244,8 @@ def failed(backends: Sequence[str], reason: str, tol: float | None = None) -> li
 
 
 def verify_isolated(jobs: Sequence[tuple[str, dict, Sequence[str]]], device: torch.device, *,
-                    timeout_s: float = CASE_TIMEOUT_S, start_timeout_s: float = START_TIMEOUT_S) -> list[list[dict]]:
+                    timeout_s: float = CASE_TIMEOUT_S, start_timeout_s: float = START_TIMEOUT_S,
+                    time_budget_s: float | None = None) -> list[list[dict]]:
     """``verify_case`` for each job (op, case, backends), in spawned children; results in job order."""
     results: list[list[dict] | None] = [None] * len(jobs)
     pending = list(range(len(jobs)))
@@ -253,8 +254,8 @@ def verify_isolated(jobs: Sequence[tuple[str, dict, Sequence[str]]], device: tor
     while pending:
         batch = pending
         receiver, sender = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_child, args=(sender, refs(), str(device), [jobs[i] for i in batch], env),
-                           daemon=True)
+        proc = ctx.Process(target=_child, args=(sender, refs(), str(device), [jobs[i] for i in batch], env,
+                                                time_budget_s), daemon=True)
         proc.start()
         sender.close()
         current, wait, ready, stop = None, start_timeout_s, False, None
