@@ -33,7 +33,7 @@ import torch.distributed as dist
 from benchmarks import _harness as H
 from benchmarks.bench_train import step_flops, sync
 from dinocxr_fast.config import load_config
-from dinocxr_fast.pretrain import PretrainJob
+from dinocxr_fast.trainer.pretrain import PretrainJob
 
 
 def import_reference(repo: Path):

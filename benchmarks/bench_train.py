@@ -15,7 +15,6 @@ over the bf16 dense peak). Defaults: vitaev2_tiny, batch 32, 128 px on the CPU; 
 """
 from __future__ import annotations
 
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 
 from benchmarks import _harness as H
 from dinocxr_fast.config import load_config
-from dinocxr_fast.pretrain import PretrainJob
+from dinocxr_fast.trainer.pretrain import PretrainJob
 
 
 def make_cfg(args, device: torch.device, backend: str, compile_: bool) -> dict:

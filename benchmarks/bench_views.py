@@ -29,7 +29,7 @@ import torch
 
 from benchmarks import _harness as H
 from dinocxr_fast.config import load_config
-from dinocxr_fast.pretrain import PretrainJob
+from dinocxr_fast.trainer.pretrain import PretrainJob
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 MODES = ("dino_cxr", "dino_multicrop")

@@ -127,7 +127,7 @@ def knn_scores(backbone_from: str, seed: int, protocol: dict, fraction: float, s
     from dinocxr_fast.classifier import build_classifier, load_backbone  # noqa: PLC0415
     from dinocxr_fast.dino.knn import knn_classify  # noqa: PLC0415
     from dinocxr_fast.classifier import extract_features  # noqa: PLC0415
-    from dinocxr_fast.runtime import data as data_setup  # noqa: PLC0415
+    from dinocxr_fast.runtime import data_setup  # noqa: PLC0415
 
     d = {"path": str(protocol["eval"]), "train_split": "train", "val_split": "val", "test_split": "test",
          "label_fraction": fraction, "label_seed": seed}

@@ -146,10 +146,10 @@ def extract_features(backbone: nn.Module, source, eval_cfg, device, loader_backe
     """Frozen-backbone features and labels of every image of ``source`` (eval transform), in eval
     mode (the backbone's mode is restored after); with ``progress_desc``, a progress line per batch.
     The linear probe, the kNN monitor and ssl_quality all take their features from here."""
-    from dinocxr_fast.data import build_eval_loader  # noqa: PLC0415
+    from dinocxr_fast.data import build_labelled_loader  # noqa: PLC0415
     from dinocxr_fast.runtime.run_log import Progress  # noqa: PLC0415
 
-    loader = build_eval_loader(source, eval_cfg, batch_size, device=device, backend=loader_backend, num_threads=2)
+    loader = build_labelled_loader(source, eval_cfg, batch_size, device=device, backend=loader_backend, num_threads=2)
     progress = Progress(len(loader), enabled=progress_desc is not None, unit="batch", desc=progress_desc)
     was_training = backbone.training
     backbone.eval()

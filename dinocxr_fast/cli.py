@@ -3,6 +3,7 @@ written. Imports nothing heavy, so ``--help`` answers before torch is loaded."""
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 _command_start: float | None = None
@@ -38,3 +39,24 @@ def command_start() -> float:
 def clear_command_start() -> None:
     global _command_start
     _command_start = None
+
+
+# The errors a user can act on (a missing file, a bad value, a refused device or backend): the
+# commands report them as one line and exit 1 instead of a traceback.
+USER_ERRORS = (FileNotFoundError, ValueError, RuntimeError)
+
+
+def user_error(message: object) -> int:
+    """Report one line on stderr; returns the exit status 1."""
+    print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
+def run(work, *args) -> int:
+    """A command's exit status: 0 when ``work(*args)`` ends, 1 with one line on stderr when it
+    raises a user error (USER_ERRORS)."""
+    try:
+        work(*args)
+    except USER_ERRORS as exc:
+        return user_error(exc)
+    return 0

@@ -16,6 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
+from dinocxr_fast import cli
 from dinocxr_fast.cli import parser as cli_parser
 from dinocxr_fast.metrics import SCALAR_METRICS, bootstrap_ci, classification_metrics, roc_curve
 
@@ -199,7 +200,7 @@ def check_split(root: Path, split: str | None) -> None:
     """A missing folder or split is one line naming the splits that exist."""
     if not root.is_dir():
         raise FileNotFoundError(f"--data {root}: no such folder")
-    from dinocxr_fast.runtime import data as data_setup  # noqa: PLC0415  (torch: after --help)
+    from dinocxr_fast.runtime import data_setup  # noqa: PLC0415  (torch: after --help)
 
     if split and not data_setup.has_split(root, split):
         present = data_setup.available_splits(root)
@@ -213,9 +214,9 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, out_dir: str |
     """Score ``checkpoint`` on ``data`` (/``split``) into ``out_dir``; with ``show_progress`` (the
     command line), a start-up block and a progress line per batch on stderr first."""
     from dinocxr_fast.classifier import load_classifier, predict  # noqa: PLC0415
-    from dinocxr_fast.data import EvalConfig, build_eval_loader  # noqa: PLC0415
+    from dinocxr_fast.data import EvalConfig, build_labelled_loader  # noqa: PLC0415
     from dinocxr_fast.runtime import backends  # noqa: PLC0415
-    from dinocxr_fast.runtime import data as data_setup  # noqa: PLC0415
+    from dinocxr_fast.runtime import data_setup  # noqa: PLC0415
     from dinocxr_fast.runtime import distributed  # noqa: PLC0415
     from dinocxr_fast.runtime.run_log import Progress, print_startup  # noqa: PLC0415
 
@@ -240,7 +241,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, out_dir: str |
             ("backends", plan.summary),
             ("work", f"{math.ceil(len(source) / batch_size)} batches of {batch_size} at {eval_cfg.crop} px, then "
                      f"{n_boot} bootstrap resamples for the 95 % intervals")])
-    dl = build_eval_loader(source, eval_cfg, batch_size, device=dev, backend=backend, num_threads=2)
+    dl = build_labelled_loader(source, eval_cfg, batch_size, device=dev, backend=backend, num_threads=2)
     progress = Progress(len(dl), enabled=show_progress, unit="batch", desc=f"scoring {folder.name}/")
     try:
         probs, labels = predict(model, dl, progress=progress)
@@ -279,9 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         metrics = evaluate_checkpoint(ckpt_path, args.data, out, split=args.split, loader=args.loader,
                                       n_boot=args.bootstrap, device=args.device, allow_one_class=args.allow_one_class,
                                       show_progress=not args.quiet)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except cli.USER_ERRORS as exc:
+        return cli.user_error(exc)
     print((out / "report.md").read_text())
     auc = "undefined (one class only)" if "roc_auc" in metrics["undefined"] else f"{metrics['roc_auc']:.4f}"
     print(f"wrote {out}/report.md, metrics.json, roc.png, confusion.png (accuracy {metrics['accuracy']:.4f}, "

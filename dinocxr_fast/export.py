@@ -22,6 +22,7 @@ from dinocxr_fast.artefact import (
     tensorrt_available,
     write_metadata,
 )
+from dinocxr_fast import cli
 from dinocxr_fast.cli import parser as cli_parser
 
 STANDARD_DOMAINS = ("", "ai.onnx")
@@ -186,6 +187,30 @@ def _EntropyCalibrator(images, cache_path: Path):  # noqa: N802 - a class factor
     return Calibrator()
 
 
+def _build_engine(args, onnx_path: Path) -> Path:
+    """The TensorRT engine ``--trt`` asks for, calibrated on ``--calibration`` images for INT8."""
+    calib = None
+    if args.precision == "int8":
+        from dinocxr_fast.infer import load_images_for_model  # noqa: PLC0415 - loads torch; --help must not
+
+        calib, _ = load_images_for_model(args.calibration, read_metadata(onnx_path))
+    return build_tensorrt(onnx_path, args.trt, precision=args.precision, max_batch=args.max_batch,
+                          timing_cache=args.timing_cache or Path(args.trt).with_suffix(".timing-cache"),
+                          calibration_images=calib)
+
+
+def _export(args) -> None:
+    """The ONNX file (and the TensorRT engine) the command line asks for."""
+    startup = [("work", "trace, onnx.checker" + (f", then a TensorRT {args.precision} engine {args.trt} (batch 1.."
+                                                  f"{args.max_batch}; minutes on a GPU)" if args.trt else ""))]
+    onnx_path = export_onnx(args.checkpoint, args.out, features_only=args.features, opset=args.opset,
+                            startup=None if args.quiet else startup)
+    print(f"wrote {onnx_path} and {onnx_path}.json (onnx.checker passed; standard nodes only)")
+    if args.trt:
+        plan = _build_engine(args, onnx_path)
+        print(f"wrote {plan} ({args.precision}, batch 1..{args.max_batch})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = cli_parser("python -m dinocxr_fast.export", __doc__.split("\n\n")[1].strip())
     parser.add_argument("--checkpoint", required=True, help="classifier.pt (from train finetune / linear) or its run folder")
@@ -209,28 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         if problem is None and args.precision == "int8" and not args.calibration:
             problem = "--precision int8 needs --calibration DIR"
     if problem:
-        print(f"error: --trt {args.trt}: {problem}; nothing was written", file=sys.stderr)
-        return 1
-    try:
-        startup = [("work", "trace, onnx.checker" + (f", then a TensorRT {args.precision} engine {args.trt} (batch 1.."
-                                                      f"{args.max_batch}; minutes on a GPU)" if args.trt else ""))]
-        onnx_path = export_onnx(args.checkpoint, args.out, features_only=args.features, opset=args.opset,
-                                startup=None if args.quiet else startup)
-        print(f"wrote {onnx_path} and {onnx_path}.json (onnx.checker passed; standard nodes only)")
-        if args.trt:
-            calib = None
-            if args.precision == "int8":
-                from dinocxr_fast.infer import load_images_for_model  # noqa: PLC0415
-
-                calib, _ = load_images_for_model(args.calibration, read_metadata(onnx_path))
-            plan = build_tensorrt(onnx_path, args.trt, precision=args.precision, max_batch=args.max_batch,
-                                  timing_cache=args.timing_cache or Path(args.trt).with_suffix(".timing-cache"),
-                                  calibration_images=calib)
-            print(f"wrote {plan} ({args.precision}, batch 1..{args.max_batch})")
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        return cli.user_error(f"--trt {args.trt}: {problem}; nothing was written")
+    return cli.run(_export, args)
 
 
 if __name__ == "__main__":

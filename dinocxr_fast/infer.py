@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from dinocxr_fast.artefact import metadata_for, read_metadata, tensorrt_available
+from dinocxr_fast import cli
 from dinocxr_fast.cli import parser as cli_parser
 from dinocxr_fast.runtime.run_log import Progress, print_startup
 
@@ -51,11 +52,11 @@ def eval_config_from(meta: dict):
 
 def preprocess_batches(files: list[str], meta: dict, batch_size: int, device, loader: str = "auto"):
     """(indices into files, images) per batch, and the loader (its .skipped names the bad files)."""
-    from dinocxr_fast.data import Sample, Source, build_eval_loader  # noqa: PLC0415
-    from dinocxr_fast.runtime import data as data_setup  # noqa: PLC0415
+    from dinocxr_fast.data import Sample, Source, build_labelled_loader  # noqa: PLC0415
+    from dinocxr_fast.runtime import data_setup  # noqa: PLC0415
 
     source = Source([Sample(f, 0, None) for f in files], ["_"], root="inference inputs")
-    dl = build_eval_loader(source, eval_config_from(meta), batch_size, device=device,
+    dl = build_labelled_loader(source, eval_config_from(meta), batch_size, device=device,
                            backend=data_setup.loader_backend({"loader": loader}), num_threads=2)
     return dl
 
@@ -266,7 +267,7 @@ def inference_startup(args, files: list[str], meta: dict, model, backend: str, d
     """The start-up block's lines; with the PyTorch model, the fused ops' backends are planned
     for its forward at the batch and input size (runtime/backends.py)."""
     from dinocxr_fast.runtime import backends  # noqa: PLC0415
-    from dinocxr_fast.runtime import data as data_setup  # noqa: PLC0415
+    from dinocxr_fast.runtime import data_setup  # noqa: PLC0415
 
     i = meta["input"]
     batch = min(int(args.batch_size), len(files))
@@ -289,6 +290,24 @@ def inference_startup(args, files: list[str], meta: dict, model, backend: str, d
                      + (f"; then attention overlays of the first 16 into {args.attention_maps}" if args.attention_maps else ""))]
 
 
+def _infer(args, out: Path, backend: str) -> None:
+    """Classify the inputs into the CSV ``out`` (and the attention overlays) the command line asks for."""
+    from dinocxr_fast.runtime import distributed  # noqa: PLC0415 - loads torch; --help must not
+
+    device = distributed.device_from(args.device)
+    files = collect_images(args.inputs)
+    runner, meta, model = make_runner(args.model, args.backend, device)
+    if not args.quiet:
+        print_startup("inference", inference_startup(args, files, meta, model, backend, device))
+    summary = run_inference(files, runner, meta, out, batch_size=args.batch_size, loader=args.loader,
+                            device=device, show_progress=not args.quiet)
+    print(f"wrote {args.out}: {summary['ok']} of {summary['images']} images classified, "
+          f"{summary['errors']} unreadable (listed in the CSV)")
+    if args.attention_maps:
+        written = attention_overlays(model, [f for f in files if Path(f).is_file()], meta, Path(args.attention_maps))
+        print(f"wrote {len(written)} attention overlays to {args.attention_maps}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = cli_parser("python -m dinocxr_fast.infer", __doc__.split("\n\n")[1].strip())
     parser.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively, hidden files skipped)")
@@ -309,34 +328,13 @@ def main(argv: list[str] | None = None) -> int:
     # refuse what cannot work before any work, one line each
     out = Path(args.out)
     if out.exists() and not args.overwrite:
-        print(f"error: {out} exists; pass --overwrite to replace it or choose another --out", file=sys.stderr)
-        return 1
+        return cli.user_error(f"{out} exists; pass --overwrite to replace it or choose another --out")
     model_path = Path(args.model)
     backend = args.backend or ("torch" if model_path.is_dir() else BACKEND_BY_SUFFIX.get(model_path.suffix))
     if args.attention_maps and backend != "torch":
-        print(f"error: --attention-maps needs the PyTorch model (--model classifier.pt or its run folder), "
-              f"not {args.model} ({backend}); nothing was written", file=sys.stderr)
-        return 1
-    from dinocxr_fast.runtime import distributed  # noqa: PLC0415
-
-    try:
-        device = distributed.device_from(args.device)
-        files = collect_images(args.inputs)
-        runner, meta, model = make_runner(args.model, args.backend, device)
-        if not args.quiet:
-            print_startup("inference", inference_startup(args, files, meta, model, backend, device))
-        summary = run_inference(files, runner, meta, out, batch_size=args.batch_size, loader=args.loader,
-                                device=device, show_progress=not args.quiet)
-        print(f"wrote {args.out}: {summary['ok']} of {summary['images']} images classified, "
-              f"{summary['errors']} unreadable (listed in the CSV)")
-        if args.attention_maps:
-            ok = [f for f in files if Path(f).is_file()]
-            written = attention_overlays(model, ok, meta, Path(args.attention_maps))
-            print(f"wrote {len(written)} attention overlays to {args.attention_maps}")
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        return cli.user_error(f"--attention-maps needs the PyTorch model (--model classifier.pt or its run folder), "
+                              f"not {args.model} ({backend}); nothing was written")
+    return cli.run(_infer, args, out, backend)
 
 
 if __name__ == "__main__":

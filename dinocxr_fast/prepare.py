@@ -13,6 +13,7 @@ import argparse
 import os
 import sys
 
+from dinocxr_fast import cli
 from dinocxr_fast.data.prepared import verify
 from dinocxr_fast.data.prepared_write import Settings, default_short_side, describe, prepare
 from dinocxr_fast.data.samples import DatasetError
@@ -62,8 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                          overwrite=args.overwrite, labelled=False if args.unlabelled else None, image_root=args.image_root,
                          path_col=args.path_col, label_col=args.label_col or None, patient_col=args.patient_col or None)
     except (DatasetError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return cli.user_error(e)
     from dinocxr_fast.data.prepared import PreparedDataset  # noqa: PLC0415
 
     skipped = PreparedDataset(result.root).skipped

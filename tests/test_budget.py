@@ -11,7 +11,7 @@ import torch
 
 from dinocxr_fast import train
 from dinocxr_fast.runtime.budget import EXIT_S, Budget
-from dinocxr_fast.runtime.job import TrainingJob
+from dinocxr_fast.trainer.loop import TrainingJob
 
 
 class Clock:

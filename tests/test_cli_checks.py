@@ -14,7 +14,7 @@ from PIL import Image
 from data_helpers import cxr_sample
 
 from dinocxr_fast import artefact, evaluate, export, infer, train
-from dinocxr_fast.runtime import data as data_setup
+from dinocxr_fast.runtime import data_setup
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -28,9 +28,8 @@ from dinocxr_fast.data import (
     Source,
     ViewsConfig,
     ViewSpec,
-    build_eval_loader,
+    build_labelled_loader,
     build_pretrain_loader,
-    build_train_loader,
 )
 from dinocxr_fast.data.views import GRAY_MEAN, GRAY_STD
 
@@ -90,8 +89,8 @@ def test_dali_and_torch_produce_the_same_views(train24):
 
 def test_dali_and_torch_produce_the_same_eval_images():
     src = ImageFolderSource(cxr_sample() / "val")
-    (xd, yd), = collect(build_eval_loader(src, EVAL, 40, backend="dali"))
-    (xt, yt), = collect(build_eval_loader(src, EVAL, 40, backend="torch"))
+    (xd, yd), = collect(build_labelled_loader(src, EVAL, 40, backend="dali"))
+    (xt, yt), = collect(build_labelled_loader(src, EVAL, 40, backend="torch"))
     assert xd.shape == (40, 1, 40, 40)
     assert torch.equal(yd, yt) and yd.tolist() == src.labels()
     assert (xd - xt).abs().mean() < 0.01 and (xd - xt).abs().max() < 0.1
@@ -156,7 +155,7 @@ def test_eval_shards_give_every_label_once():
     src = ImageFolderSource(cxr_sample() / "val")
     labels = []
     for shard in range(3):
-        for x, y in build_eval_loader(src, EvalConfig.for_size(16), 7, shard_id=shard, num_shards=3):
+        for x, y in build_labelled_loader(src, EvalConfig.for_size(16), 7, shard_id=shard, num_shards=3):
             labels += y.tolist()
     assert sorted(labels) == sorted(src.labels())
 
@@ -196,7 +195,7 @@ def test_unreadable_files_are_skipped_counted_and_named(planted, backend, caplog
     assert len(collect(loader)) == 4  # the next epoch: known bad files are not logged again
     assert all(caplog.text.count(name) == 1 for name in broken)
     # Evaluation drops them instead, so the labels stay true.
-    evl = build_eval_loader(src, EvalConfig.for_size(24), 5, backend=backend)
+    evl = build_labelled_loader(src, EvalConfig.for_size(24), 5, backend=backend)
     labels = [y for _, ys in evl for y in ys.tolist()]
     assert sorted(labels) == [0] * 6 + [1] * 6
     assert evl.num_skipped == 4
@@ -209,12 +208,12 @@ def test_a_batch_of_only_unreadable_files(tmp_path):
     for k in range(1, 4):
         (tmp_path / "a" / f"{k}.png").write_bytes(b"not a png")
     src = ImageFolderSource(tmp_path)
-    evl = build_eval_loader(src, EvalConfig.for_size(16), 1)
+    evl = build_labelled_loader(src, EvalConfig.for_size(16), 1)
     assert sum(len(y) for _, y in evl) == 1  # three empty batches left out, one image
     pre = build_pretrain_loader(src, ViewsConfig.dino_cxr().with_size(16), 2)
     assert all(v.shape[0] == 2 for views in pre for v in views)  # filled with the good one
     crops = ViewsConfig(views=(ViewSpec(16),))
-    assert sum(len(y) for _, y in build_train_loader(src, crops, 1, drop_last=False)) == 1
+    assert sum(len(y) for _, y in build_labelled_loader(src, crops, 1, shuffle=True)) == 1
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -231,7 +230,7 @@ def test_16_bit_png_dicom_jpeg_and_rgb_inputs(tmp_path, backend):
     make_dicom(tmp_path / "a" / "m1.dcm", (4000 - ramp / ramp.max() * 4000).astype(np.uint16), photometric="MONOCHROME1", slope=0.5, intercept=-100)
     src = ImageFolderSource(tmp_path)
     cfg = EvalConfig(resize=64, crop=64)
-    (x, y), = collect(build_eval_loader(src, cfg, 5, backend=backend))
+    (x, y), = collect(build_labelled_loader(src, cfg, 5, backend=backend))
     names = [Path(s.path).name for s in src.samples]
     assert x.shape == (5, 1, 64, 64)
     for name, img in zip(names, x[:, 0]):
@@ -256,14 +255,14 @@ def test_output_formats_bf16_fp16_and_three_channels(train24, backend):
     views = next(iter(build_pretrain_loader(train24, ViewsConfig.dino_cxr(size=32, dtype="bfloat16", channels=3), 4, backend=backend)))
     assert views[0].dtype == torch.bfloat16 and views[0].shape == (4, 3, 32, 32)
     assert torch.equal(views[0][:, 0], views[0][:, 2])
-    x, y = next(iter(build_eval_loader(train24, EvalConfig.for_size(32, dtype="float16"), 4, backend=backend)))
+    x, y = next(iter(build_labelled_loader(train24, EvalConfig.for_size(32, dtype="float16"), 4, backend=backend)))
     assert x.dtype == torch.float16 and y.dtype == torch.int64
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_train_loader_gives_augmented_crops_with_their_labels(train24, backend):
     crop = ViewsConfig(views=(ViewSpec(32, scale=(0.5, 1.0), jitter_p=0.0, blur_p=0.0),))
-    loader = build_train_loader(train24, crop, 8, backend=backend, seed=3)
+    loader = build_labelled_loader(train24, crop, 8, backend=backend, seed=3, shuffle=True, drop_last=True)
     seen = []
     for x, y in loader:
         assert x.shape == (8, 1, 32, 32)
@@ -272,7 +271,7 @@ def test_train_loader_gives_augmented_crops_with_their_labels(train24, backend):
     assert sorted(seen) == list(range(24))  # shuffled, every sample once
     assert seen != list(range(24))
     with pytest.raises(ValueError, match="one view"):
-        build_train_loader(train24, SMALL, 8)
+        build_labelled_loader(train24, SMALL, 8)
 
 
 def test_loader_errors(train24):
@@ -281,7 +280,7 @@ def test_loader_errors(train24):
     with pytest.raises(ValueError, match="backend"):
         build_pretrain_loader(train24, SMALL, 4, backend="opencv")
     with pytest.raises(DatasetError, match="labelled"):
-        build_eval_loader(train24.unlabelled(), EVAL, 4)
+        build_labelled_loader(train24.unlabelled(), EVAL, 4)
     with pytest.raises(ValueError, match="shard_id"):
         next(iter(build_pretrain_loader(train24, SMALL, 4, shard_id=2, num_shards=2)))
 

@@ -16,7 +16,7 @@ from dinocxr_fast import prepare as prepare_cli
 from dinocxr_fast.data import (
     ImageFolderSource,
     ViewsConfig,
-    build_eval_loader,
+    build_labelled_loader,
     build_pretrain_loader,
     dali_available,
     label_fraction,
@@ -25,7 +25,7 @@ from dinocxr_fast.data.imageio import decode_pil, load_encoded
 from dinocxr_fast.data.prepared import PreparedDataset, is_prepared, shard_name, verify
 from dinocxr_fast.data import prepared_write as pw
 from dinocxr_fast.data.prepared_write import Settings, prepare
-from dinocxr_fast.runtime import data as data_setup
+from dinocxr_fast.runtime import data_setup
 
 BACKENDS = ["torch"] + (["dali"] if dali_available() else [])
 VIEWS = ViewsConfig.dino_cxr(size=32)
@@ -217,7 +217,7 @@ def test_same_views_as_from_the_source_at_the_stored_size(tree, tmp_path, backen
                             for s in (src8, prep8))):
             diff = (va - vb).abs()  # 1 gray level is 0.017 normalised
             assert diff.mean() < 0.01 and diff.max() < 0.3, (diff.mean(), diff.max())
-    ev = build_eval_loader(ds.source("val", labelled=True), None, 4, backend=backend, num_threads=threads)
+    ev = build_labelled_loader(ds.source("val", labelled=True), None, 4, backend=backend, num_threads=threads)
     images, labels = next(iter(ev))
     assert images.shape == (4, 1, 224, 224) and labels.tolist() == [0, 0, 0, 1]
     ev.close()

@@ -179,7 +179,7 @@ def test_pretraining_builds_any_source_kind_from_the_config(tmp_path):
     from PIL import Image
 
     from dinocxr_fast.config import ConfigError, load_config
-    from dinocxr_fast.runtime import data as data_setup
+    from dinocxr_fast.runtime import data_setup
 
     for i in range(3):
         Image.new("L", (32, 32), 40 * i).save(tmp_path / f"img{i}.png")

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dinocxr_fast.data import EvalConfig, SyntheticSource, build_eval_loader, render_phantom
+from dinocxr_fast.data import EvalConfig, SyntheticSource, build_labelled_loader, render_phantom
 from dinocxr_fast.data.synthetic import CLASSES, render_uri
 
 
@@ -52,7 +52,7 @@ def test_png_cache_is_written_once_and_matches_memory(tmp_path):
 def _features(source, backend):
     """Eval images pooled to 8 x 8: the input of a linear probe."""
     xs, ys = [], []
-    for x, y in build_eval_loader(source, EvalConfig(resize=64, crop=64), 32, backend=backend):
+    for x, y in build_labelled_loader(source, EvalConfig(resize=64, crop=64), 32, backend=backend):
         xs.append(F.adaptive_avg_pool2d(x, 8).flatten(1))
         ys.append(y)
     return torch.cat(xs), torch.cat(ys)

@@ -302,7 +302,7 @@ def test_a_bad_argument_is_not_reported_as_a_non_finite_loss():
         dino_loss(s * float("nan"), t, torch.zeros(8), student_temp=0.1, teacher_temp=0.04)
     with pytest.raises(ValueError) as bad_shape:
         dino_loss(s, t[:, :4], torch.zeros(8), student_temp=0.1, teacher_temp=0.04)
-    assert not isinstance(bad_shape.value, NonFiniteInputError)  # pretrain.py only turns the former into a stop
+    assert not isinstance(bad_shape.value, NonFiniteInputError)  # trainer/pretrain.py only turns the former into a stop
 
 
 def test_a_failing_reference_refuses_every_candidate_instead_of_stopping_the_run(monkeypatch):

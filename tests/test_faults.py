@@ -34,7 +34,7 @@ from dinocxr_fast.data import imageio
 from dinocxr_fast.data.imageio import CorruptImageError, load_encoded
 from dinocxr_fast.data.sources import scan_images
 from dinocxr_fast.runtime import checkpoint as ckpt
-from dinocxr_fast.runtime.job import NonFiniteLossError, TrainingJob
+from dinocxr_fast.trainer.loop import NonFiniteLossError, TrainingJob
 
 REPO = Path(__file__).resolve().parents[1]
 NOFIT = ["--set", "train.fit_schedules=false"]  # runs cut at different steps share their schedules

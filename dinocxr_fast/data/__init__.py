@@ -11,16 +11,15 @@ Layout (one job per module):
   assemble    batch preparation: reads, skips unreadable files, plans
   dali_graph  the DALI graphs; dali_runner runs them
   torch_ops   the same transforms with PIL + torch; torch_runner runs them in DataLoader workers
-  loaders     build_pretrain_loader / build_eval_loader / build_train_loader: what the trainer uses
+  loaders     build_pretrain_loader / build_labelled_loader: what the trainer uses
 """
 from .views import EvalConfig, ViewsConfig, ViewSpec
 from .imageio import CorruptImageError
 from .loaders import (
     LabelledLoader,
     PretrainLoader,
-    build_eval_loader,
+    build_labelled_loader,
     build_pretrain_loader,
-    build_train_loader,
     dali_available,
 )
 from .samples import UNLABELLED, DatasetError, Sample, Source
@@ -43,9 +42,8 @@ __all__ = [
     "UNLABELLED",
     "ViewSpec",
     "ViewsConfig",
-    "build_eval_loader",
+    "build_labelled_loader",
     "build_pretrain_loader",
-    "build_train_loader",
     "dali_available",
     "kermany_patient_id",
     "label_fraction",

@@ -194,8 +194,8 @@ class PretrainLoader(_EpochLoader):
 
 class LabelledLoader(_EpochLoader):
     """Yields (images [B, C, H, W], labels [B] int64) per step, labels on the device. With an
-    EvalConfig the images are the eval transform (``build_eval_loader``); with a one-view
-    ViewsConfig, augmented crops for supervised training (``build_train_loader``)."""
+    EvalConfig the images are the eval transform; with a one-view ViewsConfig, augmented crops
+    for supervised training (``build_labelled_loader``)."""
 
     def _format(self, pb: PreparedBatch, outputs: list[torch.Tensor]):
         return outputs[0], torch.from_numpy(pb.labels).to(self.device)
@@ -227,9 +227,9 @@ def build_pretrain_loader(
     )
 
 
-def build_eval_loader(
+def build_labelled_loader(
     source: Source,
-    eval_cfg: EvalConfig | None = None,
+    transform: EvalConfig | ViewsConfig | None = None,
     batch_size: int = 64,
     *,
     device: str | torch.device = "cpu",
@@ -241,45 +241,20 @@ def build_eval_loader(
     seed: int = 0,
     drop_last: bool = False,
 ) -> LabelledLoader:
-    """(images, labels) with the evaluation transform; every sample once per epoch over the shards.
+    """(images, labels), every sample once per epoch over the shards.
 
-    An unreadable file is dropped from its batch (the batch gets smaller), so labels stay true.
-    ``shuffle=True`` + ``drop_last=True`` make it a supervised training loader for linear probes
-    and fine-tuning.
+    ``transform`` is an EvalConfig (the evaluation transform; the default) or a ViewsConfig with
+    exactly one view (augmented crops for fine-tuning and linear probes, e.g. RRC + flip only:
+    ``ViewsConfig(views=(ViewSpec(224, jitter_p=0, blur_p=0),))``), with ``shuffle=True`` (per seed
+    and epoch) and ``drop_last=True`` for training. An unreadable file is dropped from its batch
+    (the batch gets smaller), so the labels stay true.
     """
     if not source.labelled:
-        raise DatasetError(f"{source.root}: the eval loader needs labelled samples")
+        raise DatasetError(f"{source.root}: a labelled loader needs labelled samples")
+    if isinstance(transform, ViewsConfig) and transform.n_views != 1:
+        raise ValueError(f"a labelled loader takes a ViewsConfig with one view, got {transform.n_views}")
     return LabelledLoader(
-        source, eval_cfg or EvalConfig(), batch_size, device=device, shard_id=shard_id,
+        source, transform or EvalConfig(), batch_size, device=device, shard_id=shard_id,
         num_shards=num_shards, seed=seed, backend=backend, num_threads=num_threads, shuffle=shuffle,
         drop_last=drop_last, on_bad="drop",
-    )
-
-
-def build_train_loader(
-    source: Source,
-    view: ViewsConfig,
-    batch_size: int = 64,
-    *,
-    device: str | torch.device = "cpu",
-    shard_id: int = 0,
-    num_shards: int = 1,
-    seed: int = 0,
-    backend: str = "dali",
-    num_threads: int = 2,
-    drop_last: bool = True,
-) -> LabelledLoader:
-    """(images, labels) with one augmented view per image, for fine-tuning and linear probes.
-
-    ``view`` is a ViewsConfig with exactly one view (e.g. RRC + flip only:
-    ``ViewsConfig(views=(ViewSpec(224, jitter_p=0, blur_p=0),))``). Shuffled per (seed, epoch);
-    unreadable files are dropped from their batch so the labels stay true.
-    """
-    if not source.labelled:
-        raise DatasetError(f"{source.root}: the training loader needs labelled samples")
-    if view.n_views != 1:
-        raise ValueError(f"build_train_loader takes a ViewsConfig with one view, got {view.n_views}")
-    return LabelledLoader(
-        source, view, batch_size, device=device, shard_id=shard_id, num_shards=num_shards, seed=seed,
-        backend=backend, num_threads=num_threads, shuffle=True, drop_last=drop_last, on_bad="drop",
     )

@@ -128,15 +128,11 @@ def _worker_init(_: int) -> None:
 
 
 class TorchRunner:
-    def __init__(
-        self,
-        assembler: BatchAssembler,
-        cfg: ViewsConfig | EvalConfig,
-        *,
-        num_workers: int,
-        device: torch.device,
-        prefetch_factor: int = 2,
-    ) -> None:
+    """Runs a BatchAssembler's batches through PIL + torch ops in DataLoader workers (DaliRunner's
+    interface: ``batches(...)`` yields the rendered batches, ``close()`` stops the workers)."""
+
+    def __init__(self, assembler: BatchAssembler, cfg: ViewsConfig | EvalConfig, *, num_workers: int,
+                 device: torch.device, prefetch_factor: int = 2) -> None:
         self.cfg = cfg
         self.device = device
         self._dataset = _BatchDataset(assembler, cfg)

@@ -49,10 +49,10 @@ class DINOLoss(nn.Module):
         super().__init__()
         if centering not in CENTERINGS:
             raise ValueError(f"unknown centering {centering!r} ({', '.join(CENTERINGS)})")
-        self.centering = centering
-        self.sinkhorn_iterations = int(sinkhorn_iterations)
         if n_crops < max(2, n_global):
             raise ValueError(f"n_crops must be at least max(2, n_global={n_global}), got {n_crops}")
+        self.centering = centering
+        self.sinkhorn_iterations = int(sinkhorn_iterations)
         self.out_dim = out_dim
         self.n_crops = n_crops
         self.n_global = n_global

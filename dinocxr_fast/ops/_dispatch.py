@@ -18,7 +18,7 @@ For each call, in this order:
 A custom backend that raises during a call under 2. or 3. is demoted for the rest of the process
 (``demote``) and the op recomputes that call with the vendor path; the log says so once. One that
 raises in its backward pass (when the forward is long gone) raises ``BackendError``; the training
-loop (``runtime/job.py``) demotes it and recomputes the whole step.
+loop (``trainer/loop.py``) demotes it and recomputes the whole step.
 """
 from __future__ import annotations
 

@@ -228,17 +228,8 @@ def _run(student_out, teacher_out, center, student_temp, teacher_temp, n_global,
     return loss, tsum
 
 
-def dino_loss(
-    student_out: torch.Tensor,
-    teacher_out: torch.Tensor,
-    center: torch.Tensor,
-    *,
-    student_temp: float,
-    teacher_temp: float,
-    n_global: int = 2,
-    backend: str = "auto",
-    check_finite: bool = True,
-) -> torch.Tensor:
+def dino_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, center: torch.Tensor, *, student_temp: float,
+              teacher_temp: float, n_global: int = 2, backend: str = "auto", check_finite: bool = True) -> torch.Tensor:
     """DINO cross-entropy between centred, sharpened teacher softmax and student log-softmax.
 
     ``check_finite`` raises ``ValueError`` naming the argument that holds NaN/inf. On CUDA that
@@ -249,18 +240,11 @@ def dino_loss(
     return loss
 
 
-def dino_loss_and_teacher_sum(
-    student_out: torch.Tensor,
-    teacher_out: torch.Tensor,
-    center: torch.Tensor,
-    *,
-    student_temp: float,
-    teacher_temp: float,
-    n_global: int = 2,
-    backend: str = "auto",
-    check_finite: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``dino_loss`` plus the fp32 column sums of ``teacher_out`` (for ``update_center``)."""
+def dino_loss_and_teacher_sum(student_out: torch.Tensor, teacher_out: torch.Tensor, center: torch.Tensor, *,
+                              student_temp: float, teacher_temp: float, n_global: int = 2, backend: str = "auto",
+                              check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``dino_loss`` plus the fp32 column sums of ``teacher_out`` (for ``update_center``), which the
+    fused backends compute in the same pass."""
     return _run(student_out, teacher_out, center, student_temp, teacher_temp, n_global, backend, True, check_finite)
 
 

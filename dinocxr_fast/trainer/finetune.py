@@ -25,12 +25,12 @@ from dinocxr_fast.classifier import (
     predict,
     save_classifier,
 )
-from dinocxr_fast.data import build_eval_loader
+from dinocxr_fast.data import build_labelled_loader
 from dinocxr_fast.evaluate import require_every_class, write_report
 from dinocxr_fast.metrics import classification_metrics
 from dinocxr_fast.runtime import backends, distributed
-from dinocxr_fast.runtime import data as data_setup
-from dinocxr_fast.runtime.job import TrainingJob
+from dinocxr_fast.runtime import data_setup
+from dinocxr_fast.trainer.loop import TrainingJob
 from dinocxr_fast.runtime.run_log import Progress
 
 EVAL_BATCH = 64  # images per batch of the validation and test scoring
@@ -173,7 +173,7 @@ class FinetuneJob(TrainingJob):
 
     # ---- validation, best checkpoint, final report ----------------------------------------------
     def _loader(self, source):
-        return build_eval_loader(source, self.eval_cfg, EVAL_BATCH, device=self.device,
+        return build_labelled_loader(source, self.eval_cfg, EVAL_BATCH, device=self.device,
                                  backend=data_setup.loader_backend(self.cfg["data"]), num_threads=2)
 
     def _score(self, source) -> tuple[np.ndarray, np.ndarray]:

@@ -225,10 +225,10 @@ def split_names(data_cfg: dict, reported: str) -> tuple[str, str]:
 def supervised_train_loader(source: Source, data_cfg: dict, batch_size: int, *, channels: int, device, shard_id: int,
                             num_shards: int, seed: int):
     """Augmented crops with labels for fine-tuning: random-resized crop + flip, (images, labels)."""
-    from dinocxr_fast.data import ViewSpec, build_train_loader  # noqa: PLC0415
+    from dinocxr_fast.data import ViewSpec, build_labelled_loader  # noqa: PLC0415
 
     crop = ViewSpec(size=int(data_cfg["image_size"]), scale=tuple(data_cfg["train_scale"]), flip_p=0.5, jitter_p=0.0,
                     blur_p=0.0, solarize_p=0.0)
-    return build_train_loader(source, ViewsConfig(views=(crop,), channels=channels), batch_size, device=device,
-                              shard_id=shard_id, num_shards=num_shards, seed=seed, backend=loader_backend(data_cfg),
-                              num_threads=int(data_cfg["num_workers"]))
+    return build_labelled_loader(source, ViewsConfig(views=(crop,), channels=channels), batch_size, device=device,
+                                 shard_id=shard_id, num_shards=num_shards, seed=seed, backend=loader_backend(data_cfg),
+                                 num_threads=int(data_cfg["num_workers"]), shuffle=True, drop_last=True)

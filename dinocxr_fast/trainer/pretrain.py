@@ -31,11 +31,11 @@ from dinocxr_fast.dino.monitor import (
     learning_verdict,
 )
 from dinocxr_fast.ops._checks import NonFiniteInputError
-from dinocxr_fast.runtime import checkpoint as ckpt
-from dinocxr_fast.runtime import data as data_setup
+from dinocxr_fast.runtime import data_setup
 from dinocxr_fast.runtime import distributed
 from dinocxr_fast.runtime.backends import plan_backends
-from dinocxr_fast.runtime.job import NonFiniteLossError, StopReason, TrainingJob  # noqa: F401 (re-exported)
+from dinocxr_fast.trainer.loop import NonFiniteLossError, TrainingJob
+from dinocxr_fast.trainer.teacher_backbone import BACKBONE_NAME, PRETRAIN_FORMAT, write_teacher_backbone
 from dinocxr_fast.runtime.run_log import Progress
 
 log = logging.getLogger("dinocxr_fast.train")
@@ -46,7 +46,7 @@ KNN_VARIANT = "subtle"
 
 
 class PretrainJob(TrainingJob):
-    FORMAT = "dinocxr_fast.pretrain/1"
+    FORMAT = PRETRAIN_FORMAT
     TITLE = "DINO-CXR pretraining run"
 
     def __init__(self, cfg: dict, run_dir: Path, *, resume: Path | None = None, save_backbone: bool = False,
@@ -450,35 +450,9 @@ class PretrainJob(TrainingJob):
                                       self.run_dir / BACKBONE_NAME)
 
 
-BACKBONE_NAME = "teacher_backbone.safetensors"
-
-
 def _say(progress: Progress | None, line: str) -> None:
     """A line beside the progress display (or on stderr once the loop has closed it)."""
     if progress is not None:
         progress.write(line)
     else:
         print(line, file=sys.stderr, flush=True)
-
-
-def write_teacher_backbone(state_dict: dict, model_cfg: dict, step: int, path: Path) -> Path:
-    ckpt.export_safetensors(state_dict, path, metadata={
-        "arch": model_cfg["arch"], "in_chans": str(model_cfg["in_chans"]), "step": str(step),
-        "source": "dinocxr_fast pretrain teacher"})
-    return path
-
-
-def export_backbone_from_run(run: Path, out: Path | None = None) -> tuple[Path, int]:
-    """The teacher backbone of a pretraining run's latest checkpoint as safetensors, without
-    building the model or training: (the file written, the checkpoint's step)."""
-    run = Path(run)
-    path = run if run.is_file() else ckpt.latest(run)
-    if path is None:
-        raise ckpt.CheckpointError(f"no checkpoint in {run} (a pretraining run folder holds checkpoint-*.pt)")
-    state = ckpt.load(path)
-    if state.get("format") != PretrainJob.FORMAT:
-        raise ckpt.CheckpointError(f"{path} is a {state.get('format')!r} checkpoint, not a pretraining one")
-    prefix = "backbone."
-    backbone = {k[len(prefix):]: v for k, v in state["teacher"].items() if k.startswith(prefix)}
-    target = Path(out) if out else path.parent / BACKBONE_NAME
-    return write_teacher_backbone(backbone, state["config"]["model"], int(state["step"]), target), int(state["step"])

@@ -29,7 +29,7 @@ from dinocxr_fast.evaluate import require_every_class, write_report
 from dinocxr_fast.metrics import classification_metrics
 from dinocxr_fast.runtime import backends as backend_plan
 from dinocxr_fast.runtime import checkpoint as ckpt
-from dinocxr_fast.runtime import data as data_setup
+from dinocxr_fast.runtime import data_setup
 from dinocxr_fast.runtime import distributed
 from dinocxr_fast.runtime.precision import autocast as precision_autocast
 from dinocxr_fast.runtime.precision import resolve_precision
