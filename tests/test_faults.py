@@ -387,7 +387,7 @@ def test_a_loader_taken_down_by_the_signal_is_a_stop_not_a_crash():
         raise RuntimeError("DataLoader worker (pid 1234) is killed by signal: Terminated")
         yield  # a generator, like a loader's iterator
 
-    stopping = SimpleNamespace(_signal="SIGTERM")
+    stopping = SimpleNamespace(signals=SimpleNamespace(name="SIGTERM"))
     assert TrainingJob._next_batch(stopping, dead_workers()) is None  # the job then saves and stops
     with pytest.raises(RuntimeError, match="killed by signal"):  # without a signal it is a real failure
-        TrainingJob._next_batch(SimpleNamespace(_signal=None), dead_workers())
+        TrainingJob._next_batch(SimpleNamespace(signals=SimpleNamespace(name=None)), dead_workers())

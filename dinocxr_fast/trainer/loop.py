@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import resource
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from dinocxr_fast.runtime import distributed
 from dinocxr_fast.runtime.budget import Budget
 from dinocxr_fast.runtime.precision import autocast, resolve_precision
 from dinocxr_fast.runtime.run_log import MetricsWriter, Progress, print_startup
+from dinocxr_fast.trainer.stop_signals import StopSignals
 
 log = logging.getLogger("dinocxr_fast.train")
 SLOW_CHECKPOINT_S = 1.0  # checkpoint writes at least this long get a console line
@@ -68,7 +68,7 @@ class TrainingJob:
         self.step = 0
         self.resumed = False
         self.stop = StopReason()
-        self._signal: str | None = None
+        self.signals = StopSignals(self.dist)
         self.metrics = MetricsWriter(self.run_dir, enabled=self.is_main)
         self.show_progress = show_progress and self.is_main
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
@@ -270,20 +270,6 @@ class TrainingJob:
     def autocast(self):
         return autocast(self.device, self.precision)
 
-    def _install_signal_handlers(self) -> dict:
-        def handler(signum, _frame):
-            self._signal = self._signal or signal.Signals(signum).name  # a second one changes nothing
-
-        return {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    def _stop_requested(self) -> bool:
-        """A signal reached this process, or (under torchrun) any rank: all ranks stop at the same step."""
-        if self.dist.enabled:
-            stopping = distributed.any_rank(self._signal is not None)
-            if stopping and not self._signal:
-                self._signal = "a signal to another rank"
-        return self._signal is not None
-
     def _train_step_or_demote(self, batch):
         """``train_step``; a custom kernel that fails in its backward pass is demoted (ops/_dispatch.py)
         and the step recomputed on the vendor path. Its forward already ran once, so this one batch
@@ -311,9 +297,9 @@ class TrainingJob:
             raise
         except Exception:
             time.sleep(0.5)  # the signal to this process may trail the one that hit a worker
-            if self._signal is None:
+            if self.signals.name is None:
                 raise
-            log.warning("the data loader failed after %s; stopping with a checkpoint", self._signal)
+            log.warning("the data loader failed after %s; stopping with a checkpoint", self.signals.name)
             return None
 
     # ---- the loop -----------------------------------------------------------------------------------
@@ -324,7 +310,7 @@ class TrainingJob:
         deadline = self.budget.deadline
         log_every, ckpt_every = max(int(t["log_every"]), 1), max(int(t["ckpt_every"]), 1)
         progress = Progress(self.end_step(max_steps), initial=self.step, enabled=self.show_progress)
-        previous_handlers = self._install_signal_handlers()
+        self.signals.install()
         window = {"t0": time.perf_counter(), "wait": 0.0, "images": 0}
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -363,7 +349,7 @@ class TrainingJob:
                         self._checkpoint(progress)
                     self.budget.step_took(self.clock() - t_step)
                     self.on_step_end(deadline, progress)
-                    if self._stop_requested():
+                    if self.signals.requested():
                         stop_agreed = True
                         break
                     if self.step < self.end_step(max_steps) and self._out_of_time(self._next_step_fits()):
@@ -373,9 +359,9 @@ class TrainingJob:
                 # news: agree on it on every rank before acting, or one rank leaves and the others
                 # wait for it in the next step's all-reduce (the inner loop ended alike on all ranks).
                 if not stop_agreed:
-                    self._stop_requested()
-                if self._signal:
-                    self.stop = StopReason("signal", self._signal)
+                    self.signals.requested()
+                if self.signals.name:
+                    self.stop = StopReason("signal", self.signals.name)
                     break
                 if self.step % self.steps_per_epoch == 0:  # an epoch ended: its work was reserved before its last step
                     if self.step % ckpt_every != 0 and self.step < self.end_step(max_steps) and not timed_out:
@@ -393,8 +379,7 @@ class TrainingJob:
                     self.stop = StopReason("max_minutes", f"{t['max_minutes']} min, schedules fitted to it")
             self.save_checkpoint(final=self.stop.kind == "done")
         finally:
-            for sig, h in previous_handlers.items():
-                signal.signal(sig, h)
+            self.signals.restore()
             progress.close()
             self.metrics.flush()
         self.on_finish()
