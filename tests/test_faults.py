@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 from data_helpers import make_dicom, png_bytes
-from test_train import FAST, losses, read_metrics
+from run_helpers import FAST, losses, read_metrics
 
 from dinocxr_fast import evaluate, infer, train
 from dinocxr_fast.classifier import build_classifier, classifier_record, save_classifier

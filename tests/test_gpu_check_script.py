@@ -4,6 +4,7 @@ rules of a one-call GPU lease: at most 8 files under $OUT, the commit from DINOC
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -33,3 +34,9 @@ def test_dry_run_writes_at_most_eight_files_and_records_the_commit(tmp_path):
 def test_no_pytest_stops_at_the_first_failure():
     text = SCRIPT.read_text()
     assert " -x" not in text and "PYTHONUNBUFFERED=1" in text and "--timeout" in text
+
+
+def test_every_test_file_the_script_names_exists():
+    """The tests are arranged like the package; a move must not leave the GPU check pointing nowhere."""
+    named = re.findall(r"tests/[\w/]+\.py", SCRIPT.read_text())
+    assert named and [p for p in named if not (SCRIPT.parents[1] / p).is_file()] == []

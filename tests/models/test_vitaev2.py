@@ -67,7 +67,7 @@ def _load_fixture():
 
 
 def test_parity_with_the_reference_fixture():
-    """Output of the released implementation on the same weights (tests/fixtures/make_vitaev2_parity.py)."""
+    """Output of the released implementation on the same weights (tests/models/fixtures/make_vitaev2_parity.py)."""
     meta, images, expected, state = _load_fixture()
     model = create_model(meta["model"], num_classes=int(meta["num_classes"]), in_chans=int(meta["in_chans"]))
     model.load_state_dict(state, strict=True)
