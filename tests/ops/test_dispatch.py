@@ -1,7 +1,7 @@
 """The one dispatch rule (ops/_dispatch.py): unverified means vendor; a custom backend that is wrong,
 raises, returns NaN, is slower, hangs or crashes is refused with its reason and the run goes on
 with the right numbers; the verdict cache survives corruption and other versions; a backend that
-raises mid-run is demoted. The fake op is tests/dispatch_fakes.py."""
+raises mid-run is demoted. The fake op is tests/ops/dispatch_fakes.py."""
 from __future__ import annotations
 
 import dataclasses

@@ -1,4 +1,4 @@
-"""A fake fused op whose custom backend misbehaves on demand, for tests/test_dispatch.py.
+"""A fake fused op whose custom backend misbehaves on demand, for tests/ops/test_dispatch.py.
 
 ``y = 2 x``. The vendor path (``torch``) sleeps a little per call so that a correct custom
 backend (``cpp``) is faster; DINOCXR_FAKE_MODE (read per call, so a child process sees it too)
