@@ -1,6 +1,6 @@
 """Every Triton kernel compiles for an H100 (sm_90a), on a machine without a GPU.
 
-The interpreter runs the kernels' math but not the compiler; this runs tests/triton/sm90_compile.py
+The interpreter runs the kernels' math but not the compiler; this runs tests/kernels/sm90_compile.py
 (real compile to a cubin, ptxas included) in a fresh process, where TRITON_INTERPRET is unset.
 It also holds the bf16 attention kernels to tensor-core instructions and no register spills.
 """

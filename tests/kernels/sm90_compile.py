@@ -1,6 +1,6 @@
 """Compile every Triton kernel for an H100 (sm_90a) on a machine without a GPU.
 
-    python tests/triton/sm90_compile.py [--all] [--json PATH]
+    python tests/kernels/sm90_compile.py [--all] [--json PATH]
 
 The interpreter (TRITON_INTERPRET=1) checks what a kernel computes, not whether it compiles for a
 GPU: type consistency of loop-carried values, tl.dot shapes, shared memory, register pressure.
