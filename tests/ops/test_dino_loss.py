@@ -1,330 +1,174 @@
-"""The fused DINO loss: every backend against the reference, forward and backward."""
+"""ops.dino_loss / ops.dino_loss_and_teacher_sum: every backend against the reference (the loss, its
+gradient, the teacher column sums), on odd shapes and every dtype; bad input; the dispatch.
+
+Backends: ``torch`` and ``cpp`` on the CPU, ``triton`` in the interpreter (without a GPU), ``cuda`` and
+``triton`` on a GPU (``pytest -m cuda``). The CPU takes small odd shapes (K of 1, 7, 9, 1029: under one
+block and not a multiple of any tile or vector width; one and three teacher views; multi-crop), the
+GPU the real sizes (K = 65536, 12 crops at batch 64). Kernel-level checks (each ISA of the cpp rows,
+the Triton split path, the CUDA kernel's load paths) are in tests/kernels/.
+"""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from dinocxr_fast import _ext, ops
-from dinocxr_fast.ops import _backend
-from dinocxr_fast.ops.dino_loss import dino_loss_reference
+from dinocxr_fast.ops import _backend, _dispatch
+from dinocxr_fast.ops.dino_loss import IMPLEMENTED
+from op_helpers import (
+    DINO_TS as TS,
+    DINO_TT as TT,
+    Tol,
+    assert_dino_matches_reference,
+    backend_cases,
+    backends,
+    dino_inputs,
+    dino_reference,
+    dino_run,
+    dino_tolerance,
+    needs_cpp,
+)
 
-TS, TT = 0.1, 0.04
+CPU = ("torch", "cpp", "triton-interpreter")
+F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
 
-
-def cpu_backends() -> list[str]:
-    names = ["torch"]
-    if _ext.has_cpp():
-        names.append("cpp")
-    return names
-
-
-def make_inputs(batch, k, n_crops, n_global=2, dtype=torch.float32, device="cpu", scale=3.0, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    student = (torch.randn(n_crops * batch, k, generator=gen, dtype=torch.float64) * scale).to(device, dtype)
-    teacher = (torch.randn(n_global * batch, k, generator=gen, dtype=torch.float64) * scale).to(device, dtype)
-    center = (torch.randn(k, generator=gen, dtype=torch.float64) * 0.1).to(device, torch.float32)
-    return student, teacher, center
-
-
-def reference_and_grad(student, teacher, center, n_global):
-    s = student.detach().double().requires_grad_()
-    loss = dino_loss_reference(s, teacher.double(), center.double(), TS, TT, n_global)
-    (grad,) = torch.autograd.grad(loss, s)
-    return loss.detach(), grad
-
-
-def run_backend(student, teacher, center, n_global, backend):
-    s = student.detach().requires_grad_()
-    loss, tsum = ops.dino_loss_and_teacher_sum(
-        s, teacher, center, student_temp=TS, teacher_temp=TT, n_global=n_global, backend=backend
-    )
-    (grad,) = torch.autograd.grad(loss, s)
-    return loss.detach(), grad, tsum
-
-
-CASES = [  # (B, K, n_crops, n_global)
-    (1, 1, 2, 2),
-    (3, 7, 2, 2),
-    (32, 7, 10, 2),
-    (3, 4096, 10, 2),
-    (32, 4096, 2, 2),
-    (1, 4096, 10, 2),
-    (3, 1029, 4, 3),  # K not a multiple of the tile or the vector width; three teacher views
-    (4, 9, 3, 1),  # one teacher view: crop 0 has no pair
+INTERPRETER_CASES = [  # (dtype, B, K, n_crops, n_global): small enough for the Triton interpreter
+    (F32, 1, 1, 2, 2),     # one column, one image
+    (F32, 3, 7, 2, 2),     # K under one block
+    (F32, 6, 7, 10, 2),    # multi-crop: 8 crops the teacher never sees
+    (F32, 3, 1029, 4, 3),  # K not a multiple of the tile or the vector width; three teacher views
+    (F32, 4, 9, 3, 1),     # one teacher view: crop 0 has no pair, zero gradient
+    (F32, 1, 300, 2, 2),   # two rows: split over several programs (triton) by default
+    (BF16, 5, 300, 4, 2),  # low precision: computed in fp32, the gradient rounded once
+    (F16, 5, 300, 4, 2),
+]
+CPU_CASES = INTERPRETER_CASES + [
+    (F32, 32, 7, 10, 2),
+    (F32, 3, 4096, 10, 2),
+    (F32, 32, 4096, 2, 2),
+    (F32, 1, 4096, 10, 2),
+]
+GPU_CASES = [
+    (BF16, 64, 65536, 12, 2),  # the multi-crop size of the design doc: one program per row
+    (BF16, 32, 65536, 2, 2),   # DINO-CXR's two views: 64 rows, split over programs
+    (BF16, 64, 65536, 2, 2),
+    (BF16, 5, 1029, 10, 2),
+    (BF16, 7, 3001, 5, 3),
+    (BF16, 4, 9, 3, 1),
+    (BF16, 3, 7, 2, 2),
+    (F16, 64, 65536, 12, 2),
+    (F32, 64, 65536, 12, 2),
+    (F32, 32, 65536, 2, 2),
+    (F32, 7, 3001, 5, 3),
+    (F32, 5, 1029, 10, 2),
+    (F32, 3, 7, 2, 2),
 ]
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
-@pytest.mark.parametrize("batch,k,n_crops,n_global", CASES)
-def test_matches_reference_fp32(backend, batch, k, n_crops, n_global):
-    student, teacher, center = make_inputs(batch, k, n_crops, n_global)
-    ref_loss, ref_grad = reference_and_grad(student, teacher, center, n_global)
-    loss, grad, tsum = run_backend(student, teacher, center, n_global, backend)
-    assert loss.dtype == torch.float32 and grad.dtype == torch.float32 and grad.shape == student.shape
-    torch.testing.assert_close(loss.double(), ref_loss, rtol=2e-5, atol=2e-5)
-    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(tsum.double(), teacher.double().sum(0), rtol=1e-5, atol=1e-4)
+# ---- forward and backward against the reference ---------------------------------------------------
+@pytest.mark.parametrize("backend, dtype, batch, k, n_crops, n_global", backend_cases({
+    ("torch", "cpp"): CPU_CASES,
+    "triton-interpreter": INTERPRETER_CASES,
+    ("cuda", "triton-cuda"): GPU_CASES,
+}))
+def test_matches_reference(backend, dtype, batch, k, n_crops, n_global):
+    student, teacher, center = dino_inputs(batch, k, n_crops, n_global, dtype=dtype, device=backend.device)
+    loss, grad, tsum = dino_run(student, teacher, center, n_global, backend.name)
+    assert_dino_matches_reference(loss, grad, tsum, student, teacher, center, n_global,
+                                  dino_tolerance(backend, dtype))
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("backend", backends("torch", "cpp"))  # K = 65536 takes the interpreter 40 s
 def test_large_k_one_case(backend):
-    student, teacher, center = make_inputs(3, 65536, 2)
-    ref_loss, ref_grad = reference_and_grad(student, teacher, center, 2)
-    loss, grad, _ = run_backend(student, teacher, center, 2, backend)
+    student, teacher, center = dino_inputs(3, 65536, 2)
+    ref_loss, ref_grad = dino_reference(student, teacher, center, 2)
+    loss, grad, _ = dino_run(student, teacher, center, 2, backend.name)
     torch.testing.assert_close(loss.double(), ref_loss, rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.skipif(not _ext.has_cpp(), reason="the C++ extension is not built")
-@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("batch,k,n_crops,n_global", CASES[1:])
-def test_cpp_row_kernels_of_each_isa_match_reference(isa, dtype, batch, k, n_crops, n_global):
-    """Every instruction set's row kernels are checked, not only the one this CPU picks: the
-    portable ones (older CPUs, fp64), AVX2 and AVX-512 (from one template, dino_loss_simd.h)."""
-    ext = _ext.load()
-    ext.limit_cpu_isa(isa)
-    try:
-        if ext.cpu_isa() != isa:
-            pytest.skip(f"this CPU has no {isa}")
-        student, teacher, center = make_inputs(batch, k, n_crops, n_global, dtype=dtype)
-        ref_loss, ref_grad = reference_and_grad(student, teacher, center, n_global)
-        loss, grad, tsum = run_backend(student, teacher, center, n_global, "cpp")
-    finally:
-        ext.limit_cpu_isa("avx512")
-    if dtype == torch.float32:
-        torch.testing.assert_close(loss.double(), ref_loss, rtol=2e-5, atol=2e-5)
-        torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
-    else:  # as test_low_precision_inputs_computed_in_fp32: the gradient is rounded to bf16 once
-        torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-2, atol=1e-3 * ref_grad.abs().max().item())
-    torch.testing.assert_close(tsum, teacher.float().sum(0), rtol=1e-5, atol=1e-4)
-
-
-def test_cpp_force_portable_hook():
-    if not _ext.has_cpp():
-        pytest.skip("the C++ extension is not built")
-    ext = _ext.load()
-    ext.force_portable_cpu(True)
-    try:
-        assert ext.cpu_isa() == "portable"
-    finally:
-        ext.force_portable_cpu(False)
-    with pytest.raises(ValueError, match="limit_cpu_isa"):
-        ext.limit_cpu_isa("sse9")
-
-
-@pytest.mark.parametrize("backend", cpu_backends())
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_inputs_computed_in_fp32(backend, dtype):
-    student, teacher, center = make_inputs(5, 300, 4, dtype=dtype)
-    ref_loss, ref_grad = reference_and_grad(student, teacher, center, 2)  # same rounded inputs, fp64 math
-    loss, grad, _ = run_backend(student, teacher, center, 2, backend)
-    assert loss.dtype == torch.float32 and grad.dtype == dtype
-    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-4, atol=1e-4)
-    # the gradient is rounded to the input dtype once
-    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-2, atol=1e-3 * ref_grad.abs().max().item())
-
-
-@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("backend", backends(*CPU))
 def test_gradcheck_float64(backend):
-    student, teacher, center = make_inputs(2, 5, 3, dtype=torch.float64, scale=1.0)
+    student, teacher, center = dino_inputs(2, 5, 3, dtype=F64, scale=1.0)
     center = center.double()
     student.requires_grad_()
 
     def fn(s):
-        return ops.dino_loss(s, teacher, center, student_temp=TS, teacher_temp=TT, backend=backend)
+        return ops.dino_loss(s, teacher, center, student_temp=TS, teacher_temp=TT, backend=backend.name)
 
-    assert torch.autograd.gradcheck(fn, (student,), eps=1e-6, atol=1e-6)
+    # the interpreter: a few random directions instead of one forward per input element
+    fast = backend.name == "triton"
+    assert torch.autograd.gradcheck(fn, (student,), eps=1e-6, atol=1e-6, fast_mode=fast)
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("backend, batch, k, n_crops", backend_cases({
+    (*CPU, "triton-cuda"): [(2, 5, 3), (2, 37, 3)],
+}))
+def test_float64_matches_reference_to_fp64_precision(backend, batch, k, n_crops):
+    """fp64 math end to end (cuda computes fp32/bf16/fp16 only)."""
+    student, teacher, center = dino_inputs(batch, k, n_crops, dtype=F64, device=backend.device, scale=1.0)
+    center = center.double()
+    loss, grad, _ = dino_run(student, teacher, center, 2, backend.name)
+    ref_loss, ref_grad = dino_reference(student, teacher, center, 2)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", backends(*CPU))
 def test_huge_logits_stay_finite(backend):
-    student, teacher, center = make_inputs(4, 257, 4, scale=1e4)
-    loss, grad, _ = run_backend(student, teacher, center, 2, backend)
+    student, teacher, center = dino_inputs(4, 257, 4, scale=1e4)
+    loss, grad, _ = dino_run(student, teacher, center, 2, backend.name)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
-    ref_loss, ref_grad = reference_and_grad(student, teacher, center, 2)
+    ref_loss, ref_grad = dino_reference(student, teacher, center, 2)
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-4, atol=1e-2)
     torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("backend", backends(*CPU))
 def test_center_shape_1k_and_teacher_grad_ignored(backend):
-    student, teacher, center = make_inputs(3, 11, 2)
+    student, teacher, center = dino_inputs(3, 11, 2)
     teacher = teacher.clone().requires_grad_()
-    loss_a = ops.dino_loss(student, teacher, center.reshape(1, -1), student_temp=TS, teacher_temp=TT, backend=backend)
-    loss_b = ops.dino_loss(student, teacher.detach(), center, student_temp=TS, teacher_temp=TT, backend=backend)
+    kw = dict(student_temp=TS, teacher_temp=TT, backend=backend.name)
+    loss_a = ops.dino_loss(student, teacher, center.reshape(1, -1), **kw)
+    loss_b = ops.dino_loss(student, teacher.detach(), center, **kw)
     torch.testing.assert_close(loss_a, loss_b)
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("backend", backends(*CPU))
 def test_no_grad_mode(backend):
-    student, teacher, center = make_inputs(3, 64, 2)
+    student, teacher, center = dino_inputs(3, 64, 2)
     with torch.no_grad():
         loss = ops.dino_loss(student.requires_grad_(), teacher, center, student_temp=TS, teacher_temp=TT,
-                             backend=backend)
+                             backend=backend.name)
     assert loss.grad_fn is None
-    ref_loss, _ = reference_and_grad(student, teacher, center, 2)
+    ref_loss, _ = dino_reference(student, teacher, center, 2)
     torch.testing.assert_close(loss.double(), ref_loss, rtol=2e-5, atol=2e-5)
 
 
-# ---- bad input: a ValueError naming the argument -----------------------------------------------
-def call(student, teacher, center, **kw):
-    kw.setdefault("student_temp", TS)
-    kw.setdefault("teacher_temp", TT)
-    return ops.dino_loss(student, teacher, center, **kw)
+@pytest.mark.parametrize("backend, dtype, batch, k, n_crops, factor, grad_tol", backend_cases({
+    CPU: [(F32, 3, 50, 4, 3.0, Tol(1e-4, 1e-6))],
+    "cuda": [(BF16, 8, 65536, 4, 2.0, Tol(0.0, of_max=1e-2))],
+}))
+def test_backward_scaled_and_through_other_outputs(backend, dtype, batch, k, n_crops, factor, grad_tol):
+    """A non-unit upstream gradient scales the result; the unused outputs need no zero gradient."""
+    student, teacher, center = dino_inputs(batch, k, n_crops, dtype=dtype, device=backend.device)
+    ref_loss, ref_grad = dino_reference(student, teacher, center, 2)
+    s = student.detach().requires_grad_()
+    loss, tsum = ops.dino_loss_and_teacher_sum(s, teacher, center, student_temp=TS, teacher_temp=TT,
+                                               backend=backend.name)
+    (grad,) = torch.autograd.grad(loss * factor + tsum.sum() * 0, s, allow_unused=True)
+    tol = dino_tolerance(backend, dtype)
+    tol.loss.check(loss, ref_loss, "loss")
+    grad_tol.check(grad, ref_grad * factor, "d loss / d student")
+    tol.tsum.check(tsum, teacher.double().sum(0), "teacher column sums")
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
-@pytest.mark.parametrize(
-    "mutate,match",
-    [
-        (lambda s, t, c: (s[0], t, c), "student_out"),
-        (lambda s, t, c: (s, t[:, :-1], c), "teacher_out"),
-        (lambda s, t, c: (s, t, c[:-1]), "center"),
-        (lambda s, t, c: (s[:-1], t, c), "student_out"),  # rows not a multiple of B
-        (lambda s, t, c: (s, t[:-1], c), "teacher_out"),  # rows not a multiple of n_global
-        (lambda s, t, c: (s.int(), t, c), "student_out"),
-        (lambda s, t, c: ([1.0], t, c), "student_out"),
-        (lambda s, t, c: (s, t, c.reshape(1, 1, -1)), "center"),
-    ],
-)
-def test_bad_shapes_and_types(backend, mutate, match):
-    student, teacher, center = make_inputs(3, 8, 4)
-    with pytest.raises(ValueError, match=match):
-        call(*mutate(student, teacher, center), backend=backend)
-
-
-@pytest.mark.parametrize("backend", cpu_backends())
-@pytest.mark.parametrize("which", ["student_out", "teacher_out", "center"])
-@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
-def test_non_finite_input_names_argument(backend, which, value):
-    tensors = dict(zip(("student_out", "teacher_out", "center"), make_inputs(3, 8, 4)))
-    tensors[which] = tensors[which].clone()
-    tensors[which].view(-1)[5] = value
-    with pytest.raises(ValueError, match=which):
-        call(tensors["student_out"], tensors["teacher_out"], tensors["center"], backend=backend)
-
-
-def test_bad_temperatures_and_n_global():
-    student, teacher, center = make_inputs(3, 8, 4)
-    with pytest.raises(ValueError, match="student_temp"):
-        call(student, teacher, center, student_temp=0.0)
-    with pytest.raises(ValueError, match="teacher_temp"):
-        call(student, teacher, center, teacher_temp=float("nan"))
-    with pytest.raises(ValueError, match="n_global"):
-        call(student, teacher, center, n_global=0)
-    with pytest.raises(ValueError, match="n_global"):  # 6 teacher rows / 4 views: not a multiple
-        call(student, teacher, center, n_global=4)
-    s1, t1, c1 = make_inputs(3, 8, 1, n_global=1)
-    with pytest.raises(ValueError, match="at least 2 crops"):
-        call(s1, t1, c1, n_global=1)
-
-
-def test_wrong_device_is_named():
-    student, teacher, center = make_inputs(3, 8, 2)
-    with pytest.raises(ValueError, match="center"):
-        call(student, teacher, center.to("meta"))
-
-
-def test_unknown_and_unavailable_backends():
-    student, teacher, center = make_inputs(3, 8, 2)
-    with pytest.raises(ValueError, match="unknown backend"):
-        call(student, teacher, center, backend="fastest")
-    with pytest.raises(RuntimeError, match="cuda"):
-        call(student, teacher, center, backend="cuda")
-
-
-def test_env_var_forces_backend(monkeypatch):
-    from dinocxr_fast.ops import _dispatch
-
-    student, teacher, center = make_inputs(3, 8, 2)
-    monkeypatch.setenv(_backend.ENV_VAR, "torch")
-    assert _dispatch.choose("dino_loss", "auto", student.device, ops.dino_loss.__globals__["IMPLEMENTED"]).backend == "torch"
-    monkeypatch.setenv(_backend.ENV_VAR, "nonsense")
-    with pytest.raises(ValueError, match="nonsense"):
-        call(student, teacher, center)
-
-
-def test_auto_takes_cpp_on_cpu_only_once_verified(tmp_path, monkeypatch):
-    from dinocxr_fast.ops import _dispatch
-    from dinocxr_fast.ops.dino_loss import IMPLEMENTED
-
-    monkeypatch.setenv("DINOCXR_CACHE_DIR", str(tmp_path))
-    _dispatch.reset()
-    case = {"batch": 4, "crops": 2, "n_global": 2, "k": 64, "dtype": "float32"}
-    cpu = torch.device("cpu")
-    assert _dispatch.choose("dino_loss", "auto", cpu, IMPLEMENTED, lambda: case).backend == "torch"
-    if _ext.has_cpp():
-        key = _dispatch.verdict_key("dino_loss", "cpp", case)
-        _dispatch._verdicts_for(cpu)[key] = {"backend": "cpp", "ok": True, "speedup": 2.0}
-        assert _dispatch.choose("dino_loss", "auto", cpu, IMPLEMENTED, lambda: case).backend == "cpp"
-    _dispatch.reset()
-
-
-def test_torch_compile_sees_one_op():
-    """The custom op traces as a single node under torch.compile (no graph break inside)."""
-    if not _ext.has_cpp():
-        pytest.skip("the C++ extension is not built")
-    student, teacher, center = make_inputs(2, 16, 2)
-
-    def fn(s):
-        return torch.ops.dinocxr.dino_loss(s, teacher, center, TS, TT, 2, "cpp", False, False)[0]
-
-    compiled = torch.compile(fn, backend="eager", fullgraph=True)
-    torch.testing.assert_close(compiled(student), fn(student))
-
-
-# ---- update_center ---------------------------------------------------------------------------------
-def test_update_center_matches_reference_and_fused_sum():
-    student, teacher, center = make_inputs(4, 33, 3)
-    expected = ops.update_center_reference(center.clone(), teacher, 0.9)
-    got = ops.update_center(center.clone(), teacher, 0.9)
-    torch.testing.assert_close(got, expected)
-    _, tsum = ops.dino_loss_and_teacher_sum(student, teacher, center, student_temp=TS, teacher_temp=TT)
-    fused = ops.update_center(center.clone(), teacher, 0.9, teacher_sum=tsum)
-    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-6)
-
-
-def test_update_center_bad_input():
-    _, teacher, center = make_inputs(2, 8, 2)
-    with pytest.raises(ValueError, match="center"):
-        ops.update_center(center[:-1].clone(), teacher, 0.9)
-    with pytest.raises(ValueError, match="momentum"):
-        ops.update_center(center.clone(), teacher, 1.5)
-    with pytest.raises(ValueError, match="teacher_sum"):
-        ops.update_center(center.clone(), teacher, 0.9, teacher_sum=torch.zeros(3))
-
-
-# ---- GPU (run with -m cuda on a GPU machine) ------------------------------------------------------
-def gpu_backends() -> list[str]:
-    if not torch.cuda.is_available():
-        return ["cuda", "triton"]
-    device = torch.device("cuda")
-    return [b for b in ("cuda", "triton") if _backend.why_unavailable(b, device) is None]
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("backend", gpu_backends())
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("batch,k,n_crops", [(3, 7, 2), (32, 65536, 2), (64, 65536, 12), (5, 1029, 10)])
-def test_gpu_backends_match_reference(backend, dtype, batch, k, n_crops):
-    student, teacher, center = make_inputs(batch, k, n_crops, dtype=dtype, device="cuda")
-    ref_loss, ref_grad = reference_and_grad(student, teacher, center, 2)
-    loss, grad, tsum = run_backend(student, teacher, center, 2, backend)
-    tol = 1e-4 if dtype == torch.float32 else 2e-3
-    torch.testing.assert_close(loss.double(), ref_loss, rtol=tol, atol=tol)
-    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-2 if dtype == torch.bfloat16 else 1e-4,
-                               atol=tol * ref_grad.abs().max().item())
-    torch.testing.assert_close(tsum.double(), teacher.double().sum(0), rtol=1e-4, atol=1e-3)
-
-
-@pytest.mark.skipif(not _ext.has_cpp(), reason="the C++ extension is not built")
+@needs_cpp
 def test_cpp_gradient_buffer_recycled_only_when_free():
     """The cpp backend reuses its gradient buffer across calls (no 80 MB of fresh pages per step),
     but never one a caller still holds, and a backward after a second forward uses its own."""
-    student, teacher, center = make_inputs(4, 300, 3)
-    _, expected = reference_and_grad(student, teacher, center, 2)
+    student, teacher, center = dino_inputs(4, 300, 3)
+    _, expected = dino_reference(student, teacher, center, 2)
     s = student.detach().requires_grad_()
 
     def grad_of(x):
@@ -342,12 +186,108 @@ def test_cpp_gradient_buffer_recycled_only_when_free():
     torch.testing.assert_close(again.double(), expected, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
-def test_backward_scaled_and_through_other_outputs(backend):
-    """A non-unit upstream gradient scales the result; the unused outputs need no zero gradient."""
-    student, teacher, center = make_inputs(3, 50, 4)
-    _, expected = reference_and_grad(student, teacher, center, 2)
-    s = student.detach().requires_grad_()
-    loss, tsum = ops.dino_loss_and_teacher_sum(s, teacher, center, student_temp=TS, teacher_temp=TT, backend=backend)
-    (grad,) = torch.autograd.grad(loss * 3.0 + tsum.sum() * 0, s, allow_unused=True)
-    torch.testing.assert_close(grad.double(), expected * 3.0, rtol=1e-4, atol=1e-6)
+# ---- bad input: a ValueError naming the argument, before any backend runs --------------------------
+def call(student, teacher, center, **kw):
+    kw.setdefault("student_temp", TS)
+    kw.setdefault("teacher_temp", TT)
+    return ops.dino_loss(student, teacher, center, **kw)
+
+
+@pytest.mark.parametrize("backend", backends(*CPU))
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda s, t, c: (s[0], t, c), "student_out"),
+        (lambda s, t, c: (s, t[:, :-1], c), "teacher_out"),
+        (lambda s, t, c: (s, t, c[:-1]), "center"),
+        (lambda s, t, c: (s[:-1], t, c), "student_out"),  # rows not a multiple of B
+        (lambda s, t, c: (s, t[:-1], c), "teacher_out"),  # rows not a multiple of n_global
+        (lambda s, t, c: (s.int(), t, c), "student_out"),
+        (lambda s, t, c: ([1.0], t, c), "student_out"),
+        (lambda s, t, c: (s, t, c.reshape(1, 1, -1)), "center"),
+    ],
+)
+def test_bad_shapes_and_types(backend, mutate, match):
+    student, teacher, center = dino_inputs(3, 8, 4)
+    with pytest.raises(ValueError, match=match):
+        call(*mutate(student, teacher, center), backend=backend.name)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, inside the interpreter
+@pytest.mark.parametrize("backend", backends(*CPU))
+@pytest.mark.parametrize("which", ["student_out", "teacher_out", "center"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_input_names_argument(backend, which, value):
+    tensors = dict(zip(("student_out", "teacher_out", "center"), dino_inputs(3, 8, 4)))
+    tensors[which] = tensors[which].clone()
+    tensors[which].view(-1)[5] = value
+    with pytest.raises(ValueError, match=which):
+        call(tensors["student_out"], tensors["teacher_out"], tensors["center"], backend=backend.name)
+
+
+def test_bad_temperatures_and_n_global():
+    student, teacher, center = dino_inputs(3, 8, 4)
+    with pytest.raises(ValueError, match="student_temp"):
+        call(student, teacher, center, student_temp=0.0)
+    with pytest.raises(ValueError, match="teacher_temp"):
+        call(student, teacher, center, teacher_temp=float("nan"))
+    with pytest.raises(ValueError, match="n_global"):
+        call(student, teacher, center, n_global=0)
+    with pytest.raises(ValueError, match="n_global"):  # 6 teacher rows / 4 views: not a multiple
+        call(student, teacher, center, n_global=4)
+    s1, t1, c1 = dino_inputs(3, 8, 1, n_global=1)
+    with pytest.raises(ValueError, match="at least 2 crops"):
+        call(s1, t1, c1, n_global=1)
+
+
+def test_wrong_device_is_named():
+    student, teacher, center = dino_inputs(3, 8, 2)
+    with pytest.raises(ValueError, match="center"):
+        call(student, teacher, center.to("meta"))
+
+
+def test_unknown_and_unavailable_backends():
+    student, teacher, center = dino_inputs(3, 8, 2)
+    with pytest.raises(ValueError, match="unknown backend"):
+        call(student, teacher, center, backend="fastest")
+    with pytest.raises(RuntimeError, match="cuda"):
+        call(student, teacher, center, backend="cuda")
+
+
+# ---- which backend runs ------------------------------------------------------------------------------
+def test_env_var_forces_backend(monkeypatch):
+    student, teacher, center = dino_inputs(3, 8, 2)
+    monkeypatch.setenv(_backend.ENV_VAR, "torch")
+    assert _dispatch.choose("dino_loss", "auto", student.device, IMPLEMENTED).backend == "torch"
+    monkeypatch.setenv(_backend.ENV_VAR, "nonsense")
+    with pytest.raises(ValueError, match="nonsense"):
+        call(student, teacher, center)
+
+
+def test_auto_takes_cpp_on_cpu_only_once_verified(tmp_path, monkeypatch):
+    monkeypatch.setenv("DINOCXR_CACHE_DIR", str(tmp_path))
+    _dispatch.reset()
+    case = {"batch": 4, "crops": 2, "n_global": 2, "k": 64, "dtype": "float32"}
+    cpu = torch.device("cpu")
+    assert _dispatch.choose("dino_loss", "auto", cpu, IMPLEMENTED, lambda: case).backend == "torch"
+    if _ext.has_cpp():
+        key = _dispatch.verdict_key("dino_loss", "cpp", case)
+        _dispatch._verdicts_for(cpu)[key] = {"backend": "cpp", "ok": True, "speedup": 2.0}
+        assert _dispatch.choose("dino_loss", "auto", cpu, IMPLEMENTED, lambda: case).backend == "cpp"
+    _dispatch.reset()
+
+
+def test_auto_never_takes_the_interpreter():
+    assert "triton" not in _dispatch.candidates("dino_loss", torch.device("cpu"), IMPLEMENTED)
+
+
+@needs_cpp
+def test_torch_compile_sees_one_op():
+    """The custom op traces as a single node under torch.compile (no graph break inside)."""
+    student, teacher, center = dino_inputs(2, 16, 2)
+
+    def fn(s):
+        return torch.ops.dinocxr.dino_loss(s, teacher, center, TS, TT, 2, "cpp", False, False)[0]
+
+    compiled = torch.compile(fn, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(student), fn(student))

@@ -1,0 +1,173 @@
+"""Helpers shared by the op tests (tests/ops/) and the kernel tests (tests/kernels/).
+
+- ``backends`` / ``backend_cases``: the ``backend`` parameter of a test, one ``Backend`` (the name a
+  call passes as ``backend=``, and the device its tensors live on) per backend, each with the marks
+  that skip it, saying why, where it cannot run: ``cpp`` without the extension, ``triton-interpreter``
+  on a GPU machine (there the ``triton-cuda`` cases run), ``cuda`` / ``triton-cuda`` without a GPU
+  (``@pytest.mark.cuda``, tests/conftest.py). ``backend_cases`` gives each backend its own cases
+  (the CPU small odd shapes, the GPU the model's sizes).
+- ``Tol``: an elementwise tolerance; ``close``: the max-error check of the CUDA kernel tests.
+- dino_loss: inputs, the float64 reference, a run of one backend, the tolerances per backend and dtype.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+import torch
+
+from dinocxr_fast import _ext, ops
+from dinocxr_fast.ops import _backend
+
+# ---- the backend parameter -------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """One backend of an op on one device: ``name`` is what the call passes as ``backend=``."""
+
+    name: str
+    device: str
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device == "cuda"
+
+
+needs_cpp = pytest.mark.skipif(not _ext.has_cpp(), reason="the C++ extension dinocxr_fast._C is not built "
+                               "(python setup.py build_ext --inplace)")
+needs_triton = pytest.mark.skipif(not _backend.triton_installed(), reason="triton is not installed")
+interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="a Triton interpreter case (TRITON_INTERPRET=1, which tests/conftest.py sets "
+                                        "without a GPU); on a GPU machine the triton-cuda cases run instead")
+
+# key (the test id) -> (backend, marks)
+_BACKENDS = {
+    "torch": (Backend("torch", "cpu"), ()),
+    "auto": (Backend("auto", "cpu"), ()),
+    "cpp": (Backend("cpp", "cpu"), (needs_cpp,)),
+    "triton-interpreter": (Backend("triton", "cpu"), (needs_triton, interpreted)),
+    "cuda": (Backend("cuda", "cuda"), (pytest.mark.cuda,)),
+    "triton-cuda": (Backend("triton", "cuda"), (pytest.mark.cuda, needs_triton)),
+    "auto-cuda": (Backend("auto", "cuda"), (pytest.mark.cuda,)),
+}
+
+
+def _case_id(value) -> str:
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    if isinstance(value, (tuple, list)):
+        return "x".join(map(_case_id, value))
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def backends(*keys: str) -> list:
+    """``@pytest.mark.parametrize("backend", backends("torch", "cpp", "cuda"))``."""
+    return [pytest.param(_BACKENDS[k][0], marks=_BACKENDS[k][1], id=k) for k in keys]
+
+
+def backend_cases(table: dict) -> list:
+    """``{backend key or tuple of keys: [case tuple, ...]}`` -> params ``(backend, *case)``: each
+    backend runs its own cases (the CPU small odd shapes, the GPU the model's sizes)."""
+    params = []
+    for keys, cases in table.items():
+        for key in (keys,) if isinstance(keys, str) else keys:
+            backend, marks = _BACKENDS[key]
+            for case in cases:
+                case = case if isinstance(case, tuple) else (case,)
+                params.append(pytest.param(backend, *case, marks=marks, id="-".join([key, *map(_case_id, case)])))
+    return params
+
+
+# ---- tolerances ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Tol:
+    """Elementwise: |got - want| <= atol + of_max * max |want| + rtol * |want| (compared in float64)."""
+
+    rtol: float = 0.0
+    atol: float = 0.0
+    of_max: float = 0.0
+
+    def check(self, got: torch.Tensor, want: torch.Tensor, what: str = "") -> None:
+        got, want = got.detach().double(), want.detach().double()
+        scale = want.abs().max().item() if want.numel() else 0.0
+        torch.testing.assert_close(got, want, rtol=self.rtol, atol=self.atol + self.of_max * scale,
+                                   msg=lambda m: f"{what}: {m}" if what else m)
+
+
+def close(got, want, tol, what="", atol=0.0):
+    """max |got - want| <= tol * max |want| + atol (atol for quantities that are zero in exact arithmetic)."""
+    got, want = got.double(), want.double()
+    scale = want.abs().max().item() if want.numel() else 0.0
+    err = (got - want).abs().max().item() if want.numel() else 0.0
+    assert err <= tol * max(scale, 1e-6) + max(atol, 1e-6), (
+        f"{what}: max error {err:.3g} vs max magnitude {scale:.3g} (tol {tol})")
+
+
+# ---- dino_loss -------------------------------------------------------------------------------------
+DINO_TS, DINO_TT = 0.1, 0.04  # student, teacher temperature
+
+
+def dino_inputs(batch, k, n_crops, n_global=2, dtype=torch.float32, device="cpu", scale=3.0, seed=0):
+    """Student [n_crops*B, K], teacher [n_global*B, K] (``dtype``), centre [K] (float32)."""
+    gen = torch.Generator().manual_seed(seed)
+    student = (torch.randn(n_crops * batch, k, generator=gen, dtype=torch.float64) * scale).to(device, dtype)
+    teacher = (torch.randn(n_global * batch, k, generator=gen, dtype=torch.float64) * scale).to(device, dtype)
+    center = (torch.randn(k, generator=gen, dtype=torch.float64) * 0.1).to(device, torch.float32)
+    return student, teacher, center
+
+
+def dino_reference(student, teacher, center, n_global):
+    """The reference in float64 on the same (rounded) inputs: (loss, d loss / d student)."""
+    s = student.detach().double().requires_grad_()
+    loss = ops.dino_loss_reference(s, teacher.double(), center.double(), DINO_TS, DINO_TT, n_global)
+    (grad,) = torch.autograd.grad(loss, s)
+    return loss.detach(), grad
+
+
+def dino_run(student, teacher, center, n_global, backend: str):
+    """(loss, d loss / d student, teacher column sums) of ``dino_loss_and_teacher_sum`` on ``backend``."""
+    s = student.detach().requires_grad_()
+    loss, tsum = ops.dino_loss_and_teacher_sum(s, teacher, center, student_temp=DINO_TS, teacher_temp=DINO_TT,
+                                               n_global=n_global, backend=backend)
+    (grad,) = torch.autograd.grad(loss, s)
+    return loss.detach(), grad, tsum
+
+
+@dataclasses.dataclass(frozen=True)
+class DinoTol:
+    loss: Tol
+    grad: tuple  # every Tol the gradient must meet
+    tsum: Tol
+
+
+def dino_tolerance(backend: Backend, dtype: torch.dtype) -> DinoTol:
+    """The strictest tolerance any earlier test held this backend to, per device and dtype."""
+    low = dtype in (torch.bfloat16, torch.float16)
+    if not backend.on_gpu:
+        if low:  # computed in fp32; the gradient is rounded to the input dtype once
+            return DinoTol(Tol(1e-4, 1e-4), (Tol(1e-2, of_max=1e-3),), Tol(1e-5, 1e-4))
+        grad = (Tol(1e-4, 1e-6),)
+        if backend.name != "cpp":  # the cpp rows leave ~5e-12 where a K=1 gradient is exactly 0
+            grad += (Tol(1e-4, of_max=1e-4),)
+        return DinoTol(Tol(2e-5, 2e-5), grad, Tol(1e-5, 1e-4))
+    tsum = Tol(1e-4, 1e-3) if backend.name == "cuda" else Tol(1e-5, 1e-4)
+    if not low:
+        return DinoTol(Tol(1e-4, 1e-4), (Tol(1e-4, of_max=1e-4),), tsum)
+    return DinoTol(Tol(2e-3, 2e-3), (Tol(1e-2, of_max=2e-3 if dtype == torch.bfloat16 else 1e-2),), tsum)
+
+
+def assert_dino_matches_reference(loss, grad, tsum, student, teacher, center, n_global, tol: DinoTol):
+    ref_loss, ref_grad = dino_reference(student, teacher, center, n_global)
+    assert loss.dtype == (torch.float64 if student.dtype == torch.float64 else torch.float32)
+    assert grad.dtype == student.dtype and grad.shape == student.shape
+    tol.loss.check(loss, ref_loss, "loss")
+    for t in tol.grad:
+        t.check(grad, ref_grad, "d loss / d student")
+    if tsum is not None:
+        tol.tsum.check(tsum, teacher.double().sum(0), "teacher column sums")
