@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from dinocxr_fast import _ext, ops
-from dinocxr_fast.ops import _backend
+from dinocxr_fast.ops import _backend, _dispatch
 
 # ---- the backend parameter -------------------------------------------------------------------------
 
@@ -52,6 +52,14 @@ _BACKENDS = {
     "triton-cuda": (Backend("triton", "cuda"), (pytest.mark.cuda, needs_triton)),
     "auto-cuda": (Backend("auto", "cuda"), (pytest.mark.cuda,)),
 }
+
+
+def assert_backend_table(op: str, implemented: dict, kernels: dict, cpu_candidates: list) -> None:
+    """The contract later kernels rely on: ``IMPLEMENTED`` lists names and the op's kernel table maps
+    them; what ``auto`` may take on the CPU (never the Triton interpreter)."""
+    for names in implemented.values():
+        assert set(names) <= set(kernels)
+    assert _dispatch.candidates(op, torch.device("cpu"), implemented) == cpu_candidates
 
 
 def _case_id(value) -> str:
@@ -171,3 +179,81 @@ def assert_dino_matches_reference(loss, grad, tsum, student, teacher, center, n_
         t.check(grad, ref_grad, "d loss / d student")
     if tsum is not None:
         tol.tsum.check(tsum, teacher.double().sum(0), "teacher column sums")
+
+
+# ---- attention / window_attention --------------------------------------------------------------------
+def attn_randn(*shape, seed, device="cpu"):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(device)
+
+
+def window_case(batch, hw, heads, head_dim, dtype, pad, device="cpu", pad_dtype=None):
+    """qkv B x H x W x 3C, pad_value [3C] (or None), the upstream gradient B x H x W x C."""
+    c = heads * head_dim
+    qkv = attn_randn(batch, *hw, 3 * c, seed=0, device=device).to(dtype)
+    pad_value = attn_randn(3 * c, seed=1, device=device).to(pad_dtype or dtype) if pad else None
+    grad_out = attn_randn(batch, *hw, c, seed=2, device=device).to(dtype)
+    return qkv, pad_value, grad_out
+
+
+def full_case(shape, dtype, device="cpu"):
+    """qkv B x *tokens x 3C and the upstream gradient B x *tokens x C."""
+    qkv = attn_randn(*shape, seed=0, device=device).to(dtype)
+    grad_out = attn_randn(*shape[:-1], shape[-1] // 3, seed=2, device=device).to(dtype)
+    return qkv, grad_out
+
+
+def _window_grads(fn, qkv, pad_value, grad_out, cast):
+    x = cast(qkv).detach().requires_grad_()
+    p = cast(pad_value).detach().requires_grad_() if pad_value is not None else None
+    out = fn(x, p)
+    inputs = [x] + ([p] if p is not None else [])
+    grads = torch.autograd.grad(out, inputs, cast(grad_out), materialize_grads=True)
+    return [out.detach(), *grads]
+
+
+def run_window(qkv, pad_value, grad_out, heads, ws, backend):
+    """[out, d qkv, d pad_value (when given)] of ``window_attention`` on ``backend``."""
+    return _window_grads(lambda x, p: ops.window_attention(x, heads, ws, pad_value=p, backend=backend),
+                         qkv, pad_value, grad_out, lambda t: t)
+
+
+def reference_window(qkv, pad_value, grad_out, heads, ws):
+    """The specification in fp64 on the same (rounded) inputs."""
+    return _window_grads(lambda x, p: ops.window_attention_reference(x, heads, ws, pad_value=p),
+                         qkv, pad_value, grad_out, lambda t: t.double())
+
+
+def run_full(qkv, grad_out, heads, backend, scale=None):
+    x = qkv.detach().requires_grad_()
+    out = ops.attention(x, heads, scale=scale, backend=backend)
+    (g,) = torch.autograd.grad(out, x, grad_out)
+    return [out.detach(), g]
+
+
+def reference_full(qkv, grad_out, heads, scale=None):
+    x = qkv.detach().double().requires_grad_()
+    out = ops.attention_reference(x, heads, scale=scale)
+    (g,) = torch.autograd.grad(out, x, grad_out.double())
+    return [out.detach(), g]
+
+
+def assert_attention_accurate(got, want, dtype, names, peer=None):
+    """Outputs and gradients against the fp64 reference ``want``, each relative to its largest value.
+    Without ``peer`` (the CPU): within a few ulps of ``dtype`` (float32 also elementwise). With the
+    vendor path's own results on a GPU as ``peer``: no worse than SDPA in the same dtype (2x its
+    error), with a floor for cases it gets exactly."""
+    for i, (g, w, name) in enumerate(zip(got, want, names)):
+        assert g.dtype == dtype or name.endswith("d pad_value"), name
+        scale = w.abs().max().item()
+        err = (g.double() - w).abs().max().item()
+        if peer is not None:
+            peer_err = (peer[i].double() - w).abs().max().item()
+            floor = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+            assert err <= max(2 * peer_err, floor * scale), (
+                f"{name}: {err:.3g} vs SDPA {peer_err:.3g} (scale {scale:.3g})")
+            continue
+        tol = (2e-5 if dtype == torch.float32 else 4e-3) * (scale or 1.0)
+        assert err <= tol, f"{name}: max error {err:.3g} over {tol:.3g} (scale {scale:.3g})"
+        if dtype == torch.float32:
+            torch.testing.assert_close(g.double(), w, rtol=1e-5 if i == 0 else 1e-4, atol=1e-5,
+                                       msg=lambda m: f"{name}: {m}")

@@ -1,5 +1,13 @@
-"""ops.attention / ops.window_attention: the reference against a naive per-window oracle, and
-every backend against the reference, forward and backward."""
+"""ops.window_attention: the reference against a naive per-window oracle; every backend against the
+reference, forward and backward; bad input; the dispatch.
+
+Backends: ``torch`` (SDPA) and ``auto`` on the CPU, ``triton`` in the interpreter (without a GPU) and
+on a GPU (``pytest -m cuda``). The CPU takes small grids in fp32 and fp16: 7x7 (one window, pad_value
+unused), 8x8 (padded to 14x14, most tokens padding), 14x14, 9x12 (padded (3, 2) rows and (1, 1)
+columns), head dims 8 to 64, the padded keys holding ``pad_value`` (and its gradient) or zeros. The
+GPU takes ViTAEv2-S's grids and head dims in bf16, and holds the kernels to the accuracy of SDPA in
+the same dtype.
+"""
 from __future__ import annotations
 
 import importlib
@@ -7,17 +15,22 @@ import importlib
 import pytest
 import torch
 
-from dinocxr_fast.ops.attention import (
-    attention,
-    attention_probs,
-    attention_reference,
-    window_attention,
-    window_attention_reference,
-    window_padding,
+from dinocxr_fast.ops.attention import window_attention, window_attention_reference, window_padding
+from op_helpers import (
+    assert_attention_accurate,
+    assert_backend_table,
+    backend_cases,
+    backends,
+    interpreted,
+    reference_window,
+    run_window,
+    window_case,
 )
 
 # The package exports the function under the module's name; fetch the module itself.
 attn_mod = importlib.import_module("dinocxr_fast.ops.attention")
+BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
+NAMES = ["out", "d qkv", "d pad_value"]
 
 
 def _naive_window_attention(qkv, num_heads, ws, scale, pad_value):
@@ -45,6 +58,7 @@ def _qkv(*shape, seed=0, dtype=torch.float64):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
+# ---- the reference -----------------------------------------------------------------------------------
 def test_window_padding_is_symmetric_with_the_odd_token_last():
     assert window_padding(14, 7) == (0, 0)
     assert window_padding(16, 7) == (2, 3)
@@ -54,7 +68,7 @@ def test_window_padding_is_symmetric_with_the_odd_token_last():
 
 @pytest.mark.parametrize("hw", [(7, 14), (9, 10), (16, 16), (3, 5)])
 @pytest.mark.parametrize("with_pad_value", [False, True])
-def test_window_reference_matches_naive_windows(hw, with_pad_value):
+def test_reference_matches_naive_windows(hw, with_pad_value):
     heads, hd, ws = 2, 4, 7
     qkv = _qkv(2, *hw, 3 * heads * hd)
     pad = _qkv(3 * heads * hd, seed=1) if with_pad_value else None
@@ -63,78 +77,99 @@ def test_window_reference_matches_naive_windows(hw, with_pad_value):
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
-def test_full_reference_matches_textbook_attention():
-    heads, hd = 3, 5
-    qkv = _qkv(2, 4, 6, 3 * heads * hd)
-    x = qkv.reshape(2, 24, 3, heads, hd).permute(2, 0, 3, 1, 4)
-    want = torch.softmax(x[0] @ x[1].transpose(-1, -2) / hd ** 0.5, -1) @ x[2]
-    want = want.transpose(1, 2).reshape(2, 4, 6, heads * hd)
-    torch.testing.assert_close(attention_reference(qkv, heads), want, rtol=1e-10, atol=1e-10)
+# ---- every backend against the reference, forward and backward -----------------------------------------
+CPU_CASES = [  # (dtype, batch, grid, heads, head_dim, pad_value's dtype or None for zero padding)
+    *((dtype, *case, dtype if pad else None) for dtype in (F32, F16) for *case, pad in [
+        (1, (7, 7), 2, 32, True),    # one window, no padding: pad_value unused, its gradient zero
+        (2, (8, 8), 1, 64, True),    # padded to 14 x 14: four windows per image, most tokens padding
+        (1, (14, 14), 2, 32, False),  # four windows, no padding
+        (1, (14, 14), 1, 64, True),
+        (1, (9, 12), 2, 32, True),   # non-square, padded (3, 2) rows and (1, 1) columns
+        (2, (8, 8), 1, 48, False),   # head dim not a power of two; zero padding tokens
+    ]),
+    (F32, 2, (14, 14), 2, 8, F32),
+    (F32, 2, (9, 12), 2, 8, F32),
+]
+# Every case compiles kernels on a fresh machine (about a second each): bf16, the training dtype,
+# takes the model's shapes; fp16 and fp32 one padded / odd case each.
+GPU_CASES = [
+    (BF16, 4, (56, 56), 1, 64, F32),   # ViTAEv2-S stage 1 at 224 px (the fp32 qkv bias pads, as under autocast)
+    (BF16, 4, (28, 28), 2, 64, F32),   # stage 2
+    (BF16, 4, (28, 28), 1, 128, F32),  # stage-2 reduction cell: head dim 128
+    (BF16, 3, (24, 24), 2, 64, F32),   # 96-px views: 24 x 24 padded to 28 x 28
+    (BF16, 1, (7, 7), 3, 48, None),
+    (F16, 3, (24, 24), 2, 64, F16),
+    (F32, 2, (9, 12), 2, 32, F32),
+]
 
 
-@pytest.mark.parametrize("backend", ["torch", "auto"])
-@pytest.mark.parametrize("hw", [(14, 14), (9, 12)])
-def test_window_backend_matches_reference_forward_and_backward(backend, hw):
-    heads, hd, ws = 2, 8, 7
-    qkv = _qkv(2, *hw, 3 * heads * hd, dtype=torch.float32).requires_grad_()
-    pad = _qkv(3 * heads * hd, seed=3, dtype=torch.float32).requires_grad_()
-    grad_out = _qkv(2, *hw, heads * hd, seed=2, dtype=torch.float32)
-
-    out = window_attention(qkv, heads, ws, pad_value=pad, backend=backend)
-    g_qkv, g_pad = torch.autograd.grad(out, (qkv, pad), grad_out, materialize_grads=True)
-    ref = window_attention_reference(qkv, heads, ws, pad_value=pad)
-    r_qkv, r_pad = torch.autograd.grad(ref, (qkv, pad), grad_out, materialize_grads=True)
-
-    assert out.shape == (2, *hw, heads * hd) and out.is_contiguous()
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(g_qkv, r_qkv, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(g_pad, r_pad, rtol=1e-4, atol=1e-5)
+@pytest.mark.parametrize("backend, dtype, batch, hw, heads, head_dim, pad_dtype", backend_cases({
+    ("torch", "auto", "triton-interpreter"): CPU_CASES,
+    "triton-cuda": GPU_CASES,
+}))
+def test_matches_reference(backend, dtype, batch, hw, heads, head_dim, pad_dtype):
+    case = window_case(batch, hw, heads, head_dim, dtype, pad_dtype is not None, device=backend.device,
+                       pad_dtype=pad_dtype)
+    got = run_window(*case, heads, 7, backend.name)
+    want = reference_window(*case, heads, 7)
+    peer = run_window(*case, heads, 7, "torch") if backend.on_gpu else None
+    assert got[0].shape == (batch, *hw, heads * head_dim) and got[0].is_contiguous()
+    assert_attention_accurate(got, want, dtype, NAMES, peer)
 
 
-@pytest.mark.parametrize("shape", [(2, 10, 48), (2, 3, 4, 48)])
-def test_full_backend_matches_reference_forward_and_backward(shape):
-    heads = 4
-    qkv = _qkv(*shape, dtype=torch.float32).requires_grad_()
-    out = attention(qkv, heads, scale=0.3)
-    ref = attention_reference(qkv, heads, scale=0.3)
-    grad_out = torch.randn_like(out)
-    (g,) = torch.autograd.grad(out, qkv, grad_out)
-    (r,) = torch.autograd.grad(ref, qkv, grad_out)
-    assert out.shape == shape[:-1] + (16,)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
-
-
-def test_probs_are_the_maps_the_output_is_made_of():
-    heads, hd = 2, 4
-    qkv = _qkv(1, 3, 5, 3 * heads * hd)
-    probs = attention_probs(qkv, heads)
-    assert probs.shape == (1, heads, 15, 15)
-    torch.testing.assert_close(probs.sum(-1), torch.ones(1, heads, 15, dtype=qkv.dtype))
-    v = qkv.reshape(1, 15, 3, heads, hd)[:, :, 2].transpose(1, 2)
-    out = (probs @ v).transpose(1, 2).reshape(1, 3, 5, heads * hd)
-    torch.testing.assert_close(out, attention_reference(qkv, heads))
-
-    windows = attention_probs(qkv, heads, window_size=7)  # 3 x 5 grid pads to one 7 x 7 window
-    assert windows.shape == (1, heads, 49, 49)
+@pytest.mark.parametrize("backend", backends("torch", "triton-interpreter"))
+def test_fp32_pad_value_with_fp16_tokens(backend):
+    """The model's case under autocast: the qkv bias (fp32) pads fp16 tokens; its gradient is fp32."""
+    qkv, pad_value, grad_out = window_case(1, (5, 9), 1, 16, F16, True, pad_dtype=F32)
+    got = run_window(qkv, pad_value, grad_out, 1, 7, backend.name)
+    want = reference_window(qkv, pad_value.half(), grad_out, 1, 7)
+    assert got[2].dtype == F32
+    assert_attention_accurate(got, want, F16, NAMES)
 
 
 def test_low_precision_runs_close_to_fp32():
-    qkv = _qkv(2, 9, 9, 3 * 2 * 16, dtype=torch.float32)
+    qkv = _qkv(2, 9, 9, 3 * 2 * 16, dtype=F32)
     ref = window_attention_reference(qkv, 2, 7)
     out = window_attention(qkv.bfloat16(), 2, 7)
-    assert out.dtype == torch.bfloat16
+    assert out.dtype == BF16
     torch.testing.assert_close(out.float(), ref, rtol=5e-2, atol=5e-2)
 
 
 def test_dropout_only_perturbs_when_asked():
-    qkv = _qkv(2, 7, 7, 3 * 8, dtype=torch.float32)
+    qkv = _qkv(2, 7, 7, 3 * 8, dtype=F32)
     torch.testing.assert_close(window_attention(qkv, 1, 7, dropout_p=0.0), window_attention_reference(qkv, 1, 7))
     torch.manual_seed(0)
     dropped = window_attention(qkv, 1, 7, dropout_p=0.5)
     assert not torch.allclose(dropped, window_attention_reference(qkv, 1, 7))
 
 
+@pytest.mark.parametrize("backend", backends("triton-cuda"))
+def test_padding_gradient_is_deterministic(backend):
+    case = window_case(8, (24, 24), 2, 64, BF16, True, device=backend.device, pad_dtype=F32)
+    first = run_window(*case, 2, 7, backend.name)
+    second = run_window(*case, 2, 7, backend.name)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", backends("auto-cuda"))
+def test_auto_on_gpu_matches_reference(backend):
+    qkv = torch.randn(4, 28, 28, 3 * 128, device=backend.device)
+    ref = window_attention_reference(qkv.double(), 2, 7, pad_value=None).float()
+    torch.testing.assert_close(window_attention(qkv, 2, 7), ref, rtol=1e-3, atol=1e-3)
+    out = window_attention(qkv.bfloat16(), 2, 7)
+    torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2)
+
+
+@interpreted
+def test_custom_op_passes_opcheck():
+    """Schema, fake (meta) implementation and autograd registration of the torch.library op."""
+    qkv, pad_value, _ = window_case(1, (5, 8), 1, 16, F32, True)
+    torch.library.opcheck(torch.ops.dinocxr.window_attention_triton,
+                          (qkv.requires_grad_(), pad_value.requires_grad_(), 1, 7, 0.25))
+
+
+# ---- bad input: a ValueError naming the argument -------------------------------------------------------
 @pytest.mark.parametrize(
     "call, match",
     [
@@ -146,9 +181,6 @@ def test_dropout_only_perturbs_when_asked():
         (lambda q: window_attention(q, 2, 7, scale=-1.0), "scale"),
         (lambda q: window_attention(q, 2, 7, dropout_p=1.0), "dropout_p"),
         (lambda q: window_attention(q.long(), 2, 7), "qkv"),
-        (lambda q: attention(q[0, 0], 2), "qkv"),
-        (lambda q: attention("not a tensor", 2), "qkv"),
-        (lambda q: attention(q, 2, backend="fastest"), "backend"),
     ],
 )
 def test_bad_input_raises_value_error_naming_the_argument(call, match):
@@ -157,6 +189,18 @@ def test_bad_input_raises_value_error_naming_the_argument(call, match):
         call(qkv)
 
 
+@interpreted
+@pytest.mark.parametrize("call,match", [
+    (lambda q: window_attention(q, 1, 7, dropout_p=0.1, backend="triton"), "dropout_p"),
+    (lambda q: window_attention(q.double(), 1, 7, backend="triton"), "qkv"),
+    (lambda q: window_attention(q, 1, 12, backend="triton"), "window_size"),
+])
+def test_what_triton_does_not_cover_is_a_value_error(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(torch.zeros(1, 7, 7, 3 * 16))
+
+
+# ---- which backend runs ----------------------------------------------------------------------------------
 def test_unimplemented_backend_falls_through_to_auto_with_a_warning():
     qkv = torch.randn(1, 7, 7, 24)
     with pytest.warns(RuntimeWarning, match="no 'cuda' backend"):
@@ -164,20 +208,6 @@ def test_unimplemented_backend_falls_through_to_auto_with_a_warning():
     torch.testing.assert_close(got, window_attention_reference(qkv, 2, 7))
 
 
-def test_backends_register_by_name_only():
-    # The contract later kernels rely on: IMPLEMENTED lists names, _KERNELS maps them.
-    for table, kernels in ((attn_mod.IMPLEMENTED, attn_mod._KERNELS),
-                           (attn_mod.WINDOW_IMPLEMENTED, attn_mod._WINDOW_KERNELS)):
-        for names in table.values():
-            assert set(names) <= set(kernels)
-
-
-@pytest.mark.cuda
-def test_cuda_matches_reference():
-    qkv = torch.randn(4, 28, 28, 3 * 128, device="cuda")
-    ref = window_attention_reference(qkv.double(), 2, 7, pad_value=None).float()
-    torch.testing.assert_close(window_attention(qkv, 2, 7), ref, rtol=1e-3, atol=1e-3)
-    out = window_attention(qkv.bfloat16(), 2, 7)
-    torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2)
-    full = qkv[:, :7, :7]
-    torch.testing.assert_close(attention(full, 2), attention_reference(full.double(), 2).float(), rtol=1e-3, atol=1e-3)
+def test_backends_register_by_name_only_and_auto_never_takes_the_interpreter():
+    assert_backend_table("window_attention", attn_mod.WINDOW_IMPLEMENTED, attn_mod._WINDOW_KERNELS, cpu_candidates=[])
+    assert "triton" in attn_mod.WINDOW_IMPLEMENTED["cuda"]
