@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from dinocxr_fast import _ext
-from test_cuda_pcm_planning import KernelEmulation
+from test_cuda_conv3x3_planning import KernelEmulation
 
 conv_mod = importlib.import_module("dinocxr_fast.ops.conv_bn_act")
 cuda_mod = importlib.import_module("dinocxr_fast.ops.conv_bn_act_cuda")

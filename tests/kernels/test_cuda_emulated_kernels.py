@@ -28,12 +28,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_cuda_pcm_planning import KernelEmulation, _bn_tuple, _pcm_params
+from test_cuda_conv3x3_planning import KernelEmulation, _bn_tuple, _pcm_params
 
 conv_mod = importlib.import_module("dinocxr_fast.ops.conv_bn_act")
 cuda_mod = importlib.import_module("dinocxr_fast.ops.conv_bn_act_cuda")
 pcm_mod = importlib.import_module("dinocxr_fast.ops.pcm")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BUILD = ROOT / "kernels" / "cuda" / "emulation" / "build.py"
 OUT = Path(tempfile.gettempdir()) / "dinocxr_emu"
 pytestmark = pytest.mark.slow
