@@ -87,7 +87,7 @@ pytest_family() {  # pytest_family NAME CAP FILES...
 }
 pytest_family "dino_loss" 75 tests/kernels/test_cuda_dino_loss_kernel.py tests/kernels/test_triton_dino_loss_kernels.py tests/ops/test_dino_loss.py
 pytest_family "attention" 90 tests/ops/test_attention.py tests/ops/test_window_attention.py tests/kernels/test_triton_attention_kernels.py
-pytest_family "conv_bn_act / pcm" 90 tests/kernels/test_cuda_conv3x3_kernels.py tests/ops/test_conv_bn_act.py
+pytest_family "conv_bn_act / pcm" 90 tests/kernels/test_cuda_conv3x3_kernels.py tests/ops/test_conv_bn_act.py tests/ops/test_pcm.py
 pytest_family "model and dispatch" 45 tests/models/test_vitaev2.py tests/ops/test_dispatch.py
 # the data path on the GPU: DALI's mixed (nvJPEG) decoder, prepared pixels through external_source
 pytest_family "data" 45 tests/data/test_prepared.py

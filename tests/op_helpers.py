@@ -7,7 +7,9 @@
   (``@pytest.mark.cuda``, tests/conftest.py). ``backend_cases`` gives each backend its own cases
   (the CPU small odd shapes, the GPU the model's sizes).
 - ``Tol``: an elementwise tolerance; ``close``: the max-error check of the CUDA kernel tests.
-- dino_loss: inputs, the float64 reference, a run of one backend, the tolerances per backend and dtype.
+- per op: inputs, the float64 reference, a run of one backend, the tolerances: dino_loss (per
+  backend and dtype), attention / window_attention (on a GPU: no worse than SDPA), conv_bn_act /
+  pcm (nn modules, the cpp backend's fp32-vs-fp64 check, the cuda backend's GPU fixture and paths).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import os
 
 import pytest
 import torch
+import torch.nn as nn
 
 from dinocxr_fast import _ext, ops
 from dinocxr_fast.ops import _backend, _dispatch
@@ -257,3 +260,173 @@ def assert_attention_accurate(got, want, dtype, names, peer=None):
         if dtype == torch.float32:
             torch.testing.assert_close(g.double(), w, rtol=1e-5 if i == 0 else 1e-4, atol=1e-5,
                                        msg=lambda m: f"{name}: {m}")
+
+
+# ---- conv_bn_act / pcm -----------------------------------------------------------------------------
+def conv_bn_modules(c_in, c_out, stride=1, groups=1, *, dilation=1, dtype=torch.float32, bn_dtype=torch.float32,
+                    device="cpu", mean_std=1.0, seed=0):
+    """A 3x3 nn.Conv2d (padding = dilation) and an nn.BatchNorm2d whose parameters and running
+    statistics are away from (1, 0) so that every gradient matters."""
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(c_in, c_out, 3, stride, dilation, dilation, groups).to(device, dtype)
+    bn = nn.BatchNorm2d(c_out).to(device, bn_dtype)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+        bn.running_mean.normal_(0, mean_std)
+        bn.running_var.uniform_(0.5, 2.0)
+    return conv, bn
+
+
+def conv_call(fn, x, conv, bn, activation, training, use_bn=True, use_bias=True, **kw):
+    """``fn`` (conv_bn_act, its reference or a backend) with the modules' parameters; x B x H x W x C."""
+    if use_bn:
+        kw.update(bn_weight=bn.weight, bn_bias=bn.bias, running_mean=bn.running_mean, running_var=bn.running_var,
+                  eps=bn.eps, momentum=bn.momentum, training=training)
+    return fn(x, conv.weight, conv.bias if use_bias else None, stride=conv.stride, padding=conv.padding,
+              dilation=conv.dilation, groups=conv.groups, activation=activation, **kw)
+
+
+def pcm_modules(c0, c1, c2, c3, groups, strides=(1, 1, 1), *, dtype=torch.float64, bn_dtype=torch.float64,
+                device="cpu", bias_std=1.0, mean_std=0.2, seed=0):
+    """The PCM's three convolutions and two BatchNorms (statistics away from (1, 0))."""
+    torch.manual_seed(seed)
+    convs = [nn.Conv2d(a, b, 3, s, 1, groups=groups).to(device, dtype)
+             for (a, b), s in zip(((c0, c1), (c1, c2), (c2, c3)), strides)]
+    bns = [nn.BatchNorm2d(c).to(device, bn_dtype) for c in (c1, c2)]
+    with torch.no_grad():
+        for bn in bns:
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_(0, bias_std)
+            bn.running_mean.normal_(0, mean_std)
+            bn.running_var.uniform_(0.5, 2.0)
+    return convs, bns
+
+
+def bn_tuple(bn):
+    """A BatchNorm as ops.pcm takes it."""
+    return (bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, bn.momentum)
+
+
+def pcm_call(fn, x, convs, bns, strides, groups, training, **kw):
+    return fn(x, [c.weight for c in convs], [c.bias for c in convs], bn_tuple(bns[0]), bn_tuple(bns[1]),
+              strides=strides, groups=groups, training=training, **kw)
+
+
+# The cpp backend's tests: fp32 against the reference in fp64 on the same (fp32-representable) inputs.
+ACTIVATIONS = (None, "silu", "gelu", "relu")
+
+
+def conv_case(batch, h, w, c_in, c_out, groups, *, bias=True, seed=0, y_offset=0.0):
+    """fp32 x, weight, bias, BatchNorm weight / bias / running mean / var (away from (1, 0))."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, h, w, c_in, generator=gen)
+    weight = torch.randn(c_out, c_in // groups, 3, 3, generator=gen) * (1.0 / (9 * c_in / groups) ** 0.5)
+    b = (torch.randn(c_out, generator=gen) * 0.1 + y_offset) if bias else None
+    gamma = torch.rand(c_out, generator=gen) + 0.5
+    beta = torch.randn(c_out, generator=gen) * 0.5
+    running_mean = torch.randn(c_out, generator=gen) * 0.1
+    running_var = torch.rand(c_out, generator=gen) + 0.5
+    return x, weight, b, gamma, beta, running_mean, running_var
+
+
+def conv_run(case, *, backend, dtype, training, activation, stride=1, groups=1, steps=1, grad_seed=1, momentum=0.1):
+    """(outputs of the last step, grads of x / weight / bias / bn weight / bn bias, running mean, var);
+    ``backend="reference"`` runs conv_bn_act_reference."""
+    x0, w0, b0, g0, be0, rm0, rv0 = case
+    leaf = lambda t: None if t is None else t.to(dtype).clone().requires_grad_()  # noqa: E731
+    weight, bias, gamma, beta = leaf(w0), leaf(b0), leaf(g0), leaf(be0)
+    running_mean, running_var = rm0.to(dtype).clone(), rv0.to(dtype).clone()
+    gen = torch.Generator().manual_seed(grad_seed)
+    for step in range(steps):
+        x = (x0 * (1.0 + 0.25 * step)).to(dtype).requires_grad_()  # different batches, fp32-representable
+        for p in (weight, bias, gamma, beta):
+            if p is not None:
+                p.grad = None
+        fn = ops.conv_bn_act_reference if backend == "reference" else ops.conv_bn_act
+        kwargs = {} if backend == "reference" else {"backend": backend}
+        out = fn(x, weight, bias, stride=stride, groups=groups, bn_weight=gamma, bn_bias=beta,
+                 running_mean=running_mean, running_var=running_var, eps=1e-5, momentum=momentum,
+                 training=training, activation=activation, **kwargs)
+        grad = torch.randn(out.shape, generator=gen).to(dtype)
+        out.backward(grad)
+    grads = [None if t is None else t.grad for t in (x, weight, bias, gamma, beta)]
+    return out.detach(), grads, running_mean, running_var
+
+
+def assert_conv_close_to_fp64_reference(case, *, backend, training, activation, stride=1, groups=1, steps=1,
+                                        rtol=2e-5, atol=2e-5):
+    got = conv_run(case, backend=backend, dtype=torch.float32, training=training, activation=activation,
+                   stride=stride, groups=groups, steps=steps)
+    want = conv_run(case, backend="reference", dtype=torch.float64, training=training, activation=activation,
+                    stride=stride, groups=groups, steps=steps)
+    assert got[0].dtype == torch.float32 and got[0].is_contiguous()
+    torch.testing.assert_close(got[0], want[0].float(), rtol=rtol, atol=atol)
+    names = ("x", "weight", "bias", "bn_weight", "bn_bias")
+    for name, g, r in zip(names, got[1], want[1]):
+        assert (g is None) == (r is None), name
+        if g is None:
+            continue
+        # Gradients are sums over the batch: compare against their own scale. The conv bias's is
+        # zero in exact arithmetic under a training BatchNorm (dy sums to zero per channel): against
+        # the scale of the BatchNorm bias's, a sum over the same rows.
+        scale = float(r.abs().max()) + 1e-6
+        if name == "bias":
+            scale = max(scale, float(want[1][4].abs().max()))
+        torch.testing.assert_close(g / scale, (r / scale).float(), rtol=0, atol=5e-5, msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(got[2], want[2].float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[3], want[3].float(), rtol=1e-5, atol=1e-6)
+
+
+def close_running_stats(bn, bn64, tol):
+    close(bn.running_mean, bn64.running_mean, tol, "running_mean")
+    close(bn.running_var, bn64.running_var, tol, "running_var")
+
+
+def backward_both(got, want, dtype):
+    """Backward through the backend's output and the reference's with one upstream gradient."""
+    grad = torch.randn_like(want)
+    got.backward(grad.to(dtype))
+    want.backward(grad)
+
+
+# The cuda backend's GPU tests.
+# Relative tolerance (of the largest magnitude) per dtype: outputs are rounded to the dtype once.
+CUDA_TOL = {torch.bfloat16: 2e-2, torch.float16: 3e-3, torch.float32: 2e-4}
+# (dtype, path): "auto" is the dispatcher's choice (tensor cores where eligible), "direct" forces the
+# CUDA-core kernels; fp32 always runs direct, so it is not repeated.
+# Kept small: scripts/gpu_check.sh gives every GPU test of the project 130 s together.
+CUDA_OP_MODES = [(torch.bfloat16, "auto"), (torch.bfloat16, "direct"), (torch.float32, "auto")]
+
+
+def mode_id(mode):
+    return f"{str(mode[0]).removeprefix('torch.')}-{mode[1]}"
+
+
+def set_conv_path(path: str) -> None:
+    """auto: mma.sync for dense convs (the default); direct: CUDA cores only; wgmma: the sm_90a kernel."""
+    ext = _ext.require()
+    ext.force_direct_conv(path == "direct")
+    ext.conv_use_wgmma(path == "wgmma")
+
+
+@pytest.fixture
+def cuda_conv():
+    """The GPU conv tests: the extension built with CUDA, fp32 references really in fp32, the
+    kernel path reset afterwards."""
+    assert torch.cuda.is_available()
+    assert _ext.has_cuda(), "the extension was built without CUDA: rebuild with DINOCXR_CUDA=1"
+    torch.backends.cudnn.allow_tf32 = False  # references in fp32 really in fp32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    _ext.require().force_direct_conv(False)
+    _ext.require().conv_use_wgmma(False)
+
+
+def need_wgmma():
+    if not _ext.require().wgmma_available(torch.cuda.current_device()):
+        pytest.skip("the wgmma kernel needs an sm_90 GPU and sm_90a code in the build (DINOCXR_CUDA_ARCHS=90a)")
+
+
+def rnd(*shape, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, device="cuda") * scale).to(dtype)

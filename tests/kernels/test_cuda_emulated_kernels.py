@@ -9,7 +9,7 @@ to end through the torch.library ops, with ``conv_bn_act_reference`` / ``pcm_ref
 
 What this cannot show: timing, real memory-model races (threads here are sequentially consistent
 at every barrier), hardware limits (registers, occupancy), and anything in the instructions' real
-behaviour that the PTX ISA text does not say. tests/test_cuda_conv_bn_act.py checks those on a GPU.
+behaviour that the PTX ISA text does not say. tests/kernels/test_cuda_conv3x3_kernels.py checks those on a GPU.
 A second build with AddressSanitizer + UBSan runs a subset in a subprocess (out-of-bounds and
 misaligned accesses).
 """
@@ -28,7 +28,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_cuda_conv3x3_planning import KernelEmulation, _bn_tuple, _pcm_params
+from cuda_emulation import KernelEmulation
+from op_helpers import CUDA_TOL as TOL
+from op_helpers import bn_tuple, close, pcm_modules
 
 conv_mod = importlib.import_module("dinocxr_fast.ops.conv_bn_act")
 cuda_mod = importlib.import_module("dinocxr_fast.ops.conv_bn_act_cuda")
@@ -41,7 +43,6 @@ pytestmark = pytest.mark.slow
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 ACT = {None: 0, "silu": 1, "gelu": 2, "relu": 3}
 IMPL = {0: "direct", 1: "mma", 2: "wgmma"}
-TOL = {torch.bfloat16: 2e-2, torch.float16: 3e-3, torch.float32: 2e-4}
 
 
 def build_library(sanitize: bool = False) -> Path:
@@ -181,14 +182,6 @@ def simt():
     kernels = SimtKernels(ctypes.CDLL(lib))
     kernels.config()
     return kernels
-
-
-def close(got, want, tol, what="", atol=0.0):
-    """max |got - want| <= tol * max |want| + atol (atol for quantities that are zero in exact arithmetic)."""
-    got, want = got.double(), want.double()
-    scale = want.abs().max().item() if want.numel() else 0.0
-    err = (got - want).abs().max().item() if want.numel() else 0.0
-    assert err <= tol * max(scale, 1e-6) + max(atol, 1e-6), f"{what}: max error {err:.3g} vs max magnitude {scale:.3g}"
 
 
 # ---- kernels -------------------------------------------------------------------------------------
@@ -360,18 +353,16 @@ def on_simt(simt, monkeypatch):
     (32, 64, 32, 32, 1, (1, 1, 1), 1, 4, 5),    # dense: tensor cores
 ])
 def test_pcm_op_on_emulated_kernels(on_simt, dtype, training, c0, c1, c2, c3, groups, strides, batch, h, w):
-    convs, bns = _pcm_params(c0, c1, c2, c3, groups)
-    for c, s in zip(convs, strides):
-        c.stride = (s, s)
+    convs, bns = pcm_modules(c0, c1, c2, c3, groups, strides)
     convs_k = [copy.deepcopy(c).float() for c in convs]
     bns_k = [copy.deepcopy(bn).float() for bn in bns]
     x = torch.randn(batch, h, w, c0)
     x1 = x.to(dtype).clone().requires_grad_()
     x64 = x.to(dtype).double().detach().requires_grad_()
     got = cuda_mod._pcm_cuda(x1, [c.weight.to(dtype) for c in convs_k], [c.bias for c in convs_k],
-                             [_bn_tuple(bn) for bn in bns_k], list(strides), groups, training)
+                             [bn_tuple(bn) for bn in bns_k], list(strides), groups, training)
     want = pcm_mod.pcm_reference(x64, [c.weight.to(dtype).double() for c in convs], [c.bias for c in convs],
-                                  _bn_tuple(bns[0]), _bn_tuple(bns[1]), strides=strides, groups=groups,
+                                  bn_tuple(bns[0]), bn_tuple(bns[1]), strides=strides, groups=groups,
                                   training=training)
     tol = 2 * TOL[dtype]
     close(got, want, tol, "out")
@@ -464,18 +455,16 @@ VITAEV2_S = {  # c0, c1, c2, c3, groups, strides, input grid (stage 1 smaller th
 @pytest.mark.parametrize("name", list(VITAEV2_S))
 def test_vitaev2_s_pcm_on_emulated_kernels(on_simt, name):
     c0, c1, c2, c3, groups, strides, hw = VITAEV2_S[name]
-    convs, bns = _pcm_params(c0, c1, c2, c3, groups)
-    for c, s in zip(convs, strides):
-        c.stride = (s, s)
+    convs, bns = pcm_modules(c0, c1, c2, c3, groups, strides)
     convs_k = [copy.deepcopy(c).float() for c in convs]
     bns_k = [copy.deepcopy(bn).float() for bn in bns]
     x = torch.randn(1, hw, hw, c0).bfloat16()
     x1 = x.clone().requires_grad_()
     x64 = x.double().requires_grad_()
     got = cuda_mod._pcm_cuda(x1, [c.weight.bfloat16() for c in convs_k], [c.bias for c in convs_k],
-                             [_bn_tuple(bn) for bn in bns_k], list(strides), groups, (True, True))
+                             [bn_tuple(bn) for bn in bns_k], list(strides), groups, (True, True))
     want = pcm_mod.pcm_reference(x64, [c.weight.bfloat16().double() for c in convs], [c.bias for c in convs],
-                                  _bn_tuple(bns[0]), _bn_tuple(bns[1]), strides=strides, groups=groups,
+                                  bn_tuple(bns[0]), bn_tuple(bns[1]), strides=strides, groups=groups,
                                   training=(True, True))
     close(got, want, 4e-2, f"{name} out")
     grad = torch.randn(want.shape)
@@ -492,17 +481,15 @@ def test_vitaev2_s_pcm_on_emulated_kernels(on_simt, name):
 @pytest.mark.parametrize("name", list(VITAEV2_S))
 def test_vitaev2_s_pcm_inference_on_emulated_kernels(on_simt, name):
     c0, c1, c2, c3, groups, strides, hw = VITAEV2_S[name]
-    convs, bns = _pcm_params(c0, c1, c2, c3, groups)
-    for c, s in zip(convs, strides):
-        c.stride = (s, s)
+    convs, bns = pcm_modules(c0, c1, c2, c3, groups, strides)
     x = torch.randn(2, hw, hw, c0).bfloat16()
     on_simt.impls.clear()
     with torch.no_grad():
         got = cuda_mod._pcm_cuda(x, [c.weight.float().bfloat16() for c in convs], [c.bias.float() for c in convs],
-                                 [tuple(t.float() if isinstance(t, torch.Tensor) else t for t in _bn_tuple(bn))
+                                 [tuple(t.float() if isinstance(t, torch.Tensor) else t for t in bn_tuple(bn))
                                   for bn in bns], list(strides), groups, (False, False))
         want = pcm_mod.pcm_reference(x.double(), [c.weight.bfloat16().double() for c in convs],
-                                      [c.bias for c in convs], _bn_tuple(bns[0]), _bn_tuple(bns[1]), strides=strides,
+                                      [c.bias for c in convs], bn_tuple(bns[0]), bn_tuple(bns[1]), strides=strides,
                                       groups=groups, training=(False, False))
     close(got, want, 4e-2, f"{name} inference")
     assert on_simt.impls == (["pcm_fused"] if groups > 1 else on_simt.impls[:3]), on_simt.impls

@@ -27,10 +27,10 @@ from op_helpers import (
     window_case,
 )
 
-# The package exports the function under the module's name; fetch the module itself.
-attn_mod = importlib.import_module("dinocxr_fast.ops.attention")
 BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
 NAMES = ["out", "d qkv", "d pad_value"]
+# The package exports the function under the module's name; fetch the module itself.
+attn_mod = importlib.import_module("dinocxr_fast.ops.attention")
 
 
 def _naive_window_attention(qkv, num_heads, ws, scale, pad_value):
