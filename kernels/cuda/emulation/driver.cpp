@@ -1,5 +1,5 @@
 // C entry points over the real host launchers of kernels/cuda, for ctypes
-// (tests/test_cuda_emulated_kernels.py). Built with simt.h instead of CUDA by build.py; every
+// (tests/kernels/test_cuda_emulated_kernels.py). Built with simt.h instead of CUDA by build.py; every
 // pointer is host memory. Returns 0 on success, a cudaError_t otherwise, -1 when unsupported.
 #include <cstdint>
 #include <cstdlib>

@@ -1,7 +1,7 @@
 // Runs every kernel of kernels/cuda on the emulation over a set of configurations, for
 // ThreadSanitizer (build.py --race-check): a shared-memory access not ordered by a __syncthreads
 // (or a warp-collective's barrier) is reported as a data race and fails the run. Numbers are not
-// checked here; tests/test_cuda_emulated_kernels.py does that.
+// checked here; tests/kernels/test_cuda_emulated_kernels.py does that.
 #include <cstdint>
 #include <cstdio>
 #include <random>

@@ -1,5 +1,5 @@
 // A CPU stand-in for the CUDA execution model, for testing the kernels of kernels/cuda without a
-// GPU (tests/test_cuda_emulated_kernels.py). Not part of the extension or the wheel.
+// GPU (tests/kernels/test_cuda_emulated_kernels.py). Not part of the extension or the wheel.
 //
 // Every CUDA thread of a block is a std::thread; __syncthreads is a std::barrier over the block,
 // warp-collective instructions rendezvous on a per-warp barrier. Blocks run one after another.
