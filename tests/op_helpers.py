@@ -57,14 +57,6 @@ _BACKENDS = {
 }
 
 
-def assert_backend_table(op: str, implemented: dict, kernels: dict, cpu_candidates: list) -> None:
-    """The contract later kernels rely on: ``IMPLEMENTED`` lists names and the op's kernel table maps
-    them; what ``auto`` may take on the CPU (never the Triton interpreter)."""
-    for names in implemented.values():
-        assert set(names) <= set(kernels)
-    assert _dispatch.candidates(op, torch.device("cpu"), implemented) == cpu_candidates
-
-
 def _case_id(value) -> str:
     if isinstance(value, torch.dtype):
         return str(value).removeprefix("torch.")
@@ -91,6 +83,14 @@ def backend_cases(table: dict) -> list:
                 case = case if isinstance(case, tuple) else (case,)
                 params.append(pytest.param(backend, *case, marks=marks, id="-".join([key, *map(_case_id, case)])))
     return params
+
+
+def assert_backend_table(op: str, implemented: dict, kernels: dict, cpu_candidates: list) -> None:
+    """The contract later kernels rely on: ``IMPLEMENTED`` lists names and the op's kernel table maps
+    them; what ``auto`` may take on the CPU (never the Triton interpreter)."""
+    for names in implemented.values():
+        assert set(names) <= set(kernels)
+    assert _dispatch.candidates(op, torch.device("cpu"), implemented) == cpu_candidates
 
 
 # ---- tolerances ------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from cuda_emulation import KernelEmulation
-from op_helpers import bn_tuple, conv_bn_modules, conv_call, pcm_call, pcm_modules
+from op_helpers import conv_bn_modules, conv_call, pcm_call, pcm_modules
 
 conv_mod = importlib.import_module("dinocxr_fast.ops.conv_bn_act")
 cuda_mod = importlib.import_module("dinocxr_fast.ops.conv_bn_act_cuda")
