@@ -11,7 +11,7 @@ written, and the backward recomputes them; at inference a grouped PCM runs as a 
 
 A convolution is a set of *tap convolutions* (``_TapPlan``): the forward one, and per output
 parity one for the data gradient of a strided conv. ``_CudaKernels`` is the only place that
-touches the extension; tests/test_cuda_pcm_planning.py swaps in a plain-PyTorch emulation of it
+touches the extension; tests/kernels/test_cuda_conv3x3_planning.py swaps in a plain-PyTorch emulation of it
 to check the orchestration here on the CPU.
 """
 from __future__ import annotations
@@ -106,7 +106,7 @@ def _dgrad_weight(w: torch.Tensor, groups: int, plan: _TapPlan) -> torch.Tensor:
 
 
 class _CudaKernels:
-    """The kernels through dinocxr_fast._C. tests/test_cuda_pcm_planning.py swaps in a plain-PyTorch
+    """The kernels through dinocxr_fast._C. tests/kernels/test_cuda_conv3x3_planning.py swaps in a plain-PyTorch
     emulation with the same interface to check the orchestration below on the CPU."""
 
     def tap_conv(self, x, w, out, plan: _TapPlan, *, pro=None, kind=_EPI_AFFINE, act=None, scale=None, shift=None,
