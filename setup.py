@@ -85,13 +85,11 @@ def extension():
     return CppExtension("dinocxr_fast._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
 
 
-packages = find_packages(include=["dinocxr_fast", "dinocxr_fast.*"])
-packages += ["dinocxr_fast.kernels", "dinocxr_fast.kernels.triton"]
-
+# The wheel is the dinocxr_fast package (its Triton kernels in dinocxr_fast/ops/triton included) and
+# _C. The CUDA sources in kernels/cuda are compiled into _C and not shipped: nothing reads them at run time.
 setup(
-    packages=packages,
-    package_dir={"dinocxr_fast.kernels": "kernels"},
-    package_data={"dinocxr_fast": ["configs/*.yaml"], "dinocxr_fast.kernels": ["cuda/*.cu", "cuda/*.cuh"]},
+    packages=find_packages(include=["dinocxr_fast", "dinocxr_fast.*"]),
+    package_data={"dinocxr_fast": ["configs/*.yaml"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
     zip_safe=False,

@@ -1,5 +1,5 @@
 """The ``triton`` backend of ``ops.attention`` / ``ops.window_attention``: one torch.library custom
-op per entry point, with its autograd, around the kernels in ``kernels/triton``.
+op per entry point, with its autograd, around the kernels in ``ops/triton``.
 
 Dispatch stays in ``dinocxr_fast/ops/attention.py``; this module only exists so that the Triton
 path is one op to ``torch.compile`` and export, and so that importing the attention op does not
@@ -12,18 +12,18 @@ import torch
 
 from dinocxr_fast.ops import _dispatch
 
-# kernels/triton is imported on first use (Triton is optional, and it reads TRITON_INTERPRET
+# ops/triton is imported on first use (Triton is optional, and it reads TRITON_INTERPRET
 # when a kernel module is imported).
 
 
 def _window_kernels():
-    from dinocxr_fast.kernels.triton import window_attention  # noqa: PLC0415
+    from dinocxr_fast.ops.triton import window_attention  # noqa: PLC0415
 
     return window_attention
 
 
 def _full_kernels():
-    from dinocxr_fast.kernels.triton import attention  # noqa: PLC0415
+    from dinocxr_fast.ops.triton import attention  # noqa: PLC0415
 
     return attention
 

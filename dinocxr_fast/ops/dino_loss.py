@@ -81,7 +81,7 @@ def _cuda_forward(student, teacher, center, student_temp, teacher_temp, n_global
 
 
 def _triton_forward(student, teacher, center, student_temp, teacher_temp, n_global, need_grad, need_sum):
-    from dinocxr_fast.kernels.triton import dino_loss as triton_dino_loss  # noqa: PLC0415
+    from dinocxr_fast.ops.triton import dino_loss as triton_dino_loss  # noqa: PLC0415
 
     return triton_dino_loss.dino_loss_fwd(
         student, teacher, center, student_temp, teacher_temp, n_global, need_grad, need_sum

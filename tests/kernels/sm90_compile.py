@@ -54,9 +54,9 @@ class _TargetOnlyDriver:
 
 driver.set_active(_TargetOnlyDriver())
 
-from dinocxr_fast.kernels.triton import attention as A  # noqa: E402
-from dinocxr_fast.kernels.triton import dino_loss as D  # noqa: E402
-from dinocxr_fast.kernels.triton import window_attention as W  # noqa: E402
+from dinocxr_fast.ops.triton import attention as A  # noqa: E402
+from dinocxr_fast.ops.triton import dino_loss as D  # noqa: E402
+from dinocxr_fast.ops.triton import window_attention as W  # noqa: E402
 
 BF16, F16, F32, F64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
 PREC_F32 = "tf32x3"  # what dot_precision gives fp32 under torch defaults (no TF32 for matmuls)

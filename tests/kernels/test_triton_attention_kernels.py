@@ -1,4 +1,4 @@
-"""The Triton attention kernels (kernels/triton/attention.py, window_attention.py) below the ops:
+"""The Triton attention kernels (dinocxr_fast/ops/triton/attention.py, window_attention.py) below the ops:
 what they refuse to launch, the autotune candidates, and every autotune config on a GPU (the op
 tests in tests/ops/ pin the first one, tests/conftest.py)."""
 from __future__ import annotations
@@ -20,7 +20,7 @@ BF16, F32 = torch.bfloat16, torch.float32
 
 
 def test_full_attention_grid_over_65535_programs_is_not_launched():
-    from dinocxr_fast.kernels.triton import attention as full_kernels
+    from dinocxr_fast.ops.triton import attention as full_kernels
 
     qkv = torch.zeros(1, 1, 48).expand(40000, 1, 48)  # batch x heads = 80000 programs on the grid's y axis
     assert "65535" in full_kernels.supports(qkv, 2)
@@ -31,7 +31,7 @@ def test_config_pruning(monkeypatch):
     """Autotune candidates: tiles no longer than the sequence; DINOCXR_TRITON_CONFIG pins one."""
     import triton
 
-    from dinocxr_fast.kernels.triton import attention as full_kernels
+    from dinocxr_fast.ops.triton import attention as full_kernels
 
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}) for m, n in ((64, 64), (128, 64), (64, 32), (128, 128))]
     monkeypatch.delenv("DINOCXR_TRITON_CONFIG", raising=False)
@@ -46,8 +46,8 @@ def test_config_pruning(monkeypatch):
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_gpu_every_autotune_config_is_correct(monkeypatch, head_dim):
     """The other GPU tests pin config 0 (conftest); here each config of each tuned kernel runs."""
-    from dinocxr_fast.kernels.triton import attention as full_kernels
-    from dinocxr_fast.kernels.triton import window_attention as window_kernels
+    from dinocxr_fast.ops.triton import attention as full_kernels
+    from dinocxr_fast.ops.triton import window_attention as window_kernels
 
     tuners = [window_kernels._window_fwd_kernel, window_kernels._window_bwd_kernel, full_kernels._attn_fwd_kernel,
               full_kernels._attn_bwd_dkdv_kernel, full_kernels._attn_bwd_dq_kernel]

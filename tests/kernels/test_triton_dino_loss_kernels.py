@@ -1,4 +1,4 @@
-"""The Triton DINO loss kernels (kernels/triton/dino_loss.py) called directly: a student row split
+"""The Triton DINO loss kernels (dinocxr_fast/ops/triton/dino_loss.py) called directly: a student row split
 over several programs agrees with one program per row and with the reference, and a non-finite
 input makes the loss NaN (the kernels' own contract; the op then names the argument, tests/ops/).
 
@@ -22,7 +22,7 @@ from op_helpers import (
 
 
 def kernels():
-    from dinocxr_fast.kernels.triton import dino_loss  # noqa: PLC0415 - after TRITON_INTERPRET is set
+    from dinocxr_fast.ops.triton import dino_loss  # noqa: PLC0415 - after TRITON_INTERPRET is set
 
     return dino_loss
 

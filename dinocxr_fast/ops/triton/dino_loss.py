@@ -33,6 +33,7 @@ import triton.language as tl
 
 from ._common import interpreting, prune_configs
 
+
 @triton.jit
 def _acc(x, IS_F64: tl.constexpr):
     if IS_F64:
