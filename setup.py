@@ -70,19 +70,24 @@ def extension():
     if find_cxx() is None:
         fail("no C++ compiler found (tried $CXX, c++, g++, clang++); install one, e.g. `apt-get install g++`.")
     sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    # Headers are included by name from these folders (scripts/cuda_compile_check.sh uses the same).
+    include_dirs = [os.path.join(ROOT, "csrc")]
     cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
     link_flags = ["-fopenmp"]
     if want_cuda():
         sources += sorted(glob.glob("kernels/cuda/*.cu"))
+        include_dirs.append(os.path.join(ROOT, "kernels", "cuda"))
         nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"] + cuda_arch_flags()
         return CUDAExtension(
             "dinocxr_fast._C",
             sources,
+            include_dirs=include_dirs,
             define_macros=[("DINOCXR_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
             extra_link_args=link_flags,
         )
-    return CppExtension("dinocxr_fast._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
+    return CppExtension("dinocxr_fast._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags},
+                        extra_link_args=link_flags)
 
 
 # The wheel is the dinocxr_fast package (its Triton kernels in dinocxr_fast/ops/triton included) and

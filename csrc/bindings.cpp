@@ -22,8 +22,8 @@
 
 #include <vector>
 
-#include "../kernels/cuda/conv3x3.cuh"
-#include "../kernels/cuda/dino_loss.cuh"
+#include "conv3x3.cuh"
+#include "dino_loss.cuh"
 #endif
 
 namespace {

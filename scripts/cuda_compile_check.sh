@@ -58,8 +58,9 @@ CXX=${CXX:-c++}
 # A CPU wheel of torch ships the c10/cuda headers but not the generated c10/cuda/impl/cuda_cmake_macros.h,
 # whose one macro (C10_CUDA_BUILD_SHARED_LIBS) only matters on Windows: skip its include.
 mapfile -t torch_flags <<<"$torch_flag_lines"
+# -I: the include folders of setup.py's CUDA build.
 host_flags=(-c -O0 -std=c++17 -fopenmp -Wall -Werror -DDINOCXR_WITH_CUDA -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE
-            "${torch_flags[@]}" "-isystem$cuda_home/include")
+            -Icsrc -Ikernels/cuda "${torch_flags[@]}" "-isystem$cuda_home/include")
 mkdir -p "$out/host"
 n=0
 while IFS= read -r -d '' src; do
