@@ -69,13 +69,15 @@ def cuda_arch_flags() -> list[str]:
 def extension():
     if find_cxx() is None:
         fail("no C++ compiler found (tried $CXX, c++, g++, clang++); install one, e.g. `apt-get install g++`.")
-    sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    # csrc/*.cpp: bindings and what the CPU and CUDA ops share; csrc/cpu: the CPU ops and kernels;
+    # csrc/cuda: the CUDA ops (host code); kernels/cuda: the CUDA kernels and their launchers.
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     # Headers are included by name from these folders (scripts/cuda_compile_check.sh uses the same).
     include_dirs = [os.path.join(ROOT, "csrc")]
     cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
     link_flags = ["-fopenmp"]
     if want_cuda():
-        sources += sorted(glob.glob("kernels/cuda/*.cu"))
+        sources += sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("kernels/cuda/*.cu"))
         include_dirs.append(os.path.join(ROOT, "kernels", "cuda"))
         nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"] + cuda_arch_flags()
         return CUDAExtension(

@@ -1,6 +1,6 @@
 // CPU BatchNorm + activation on a channels-last [M, C] fp32 matrix (the output of a convolution
 // whose NCHW view has channels-last strides): see dinocxr_fast/ops/conv_bn_act.py for the math.
-// Raw pointers only: argument checks and tensor handling live in csrc/bindings.cpp.
+// Raw pointers only: argument checks and tensor handling live in csrc/cpu/bn_act_op.cpp.
 //
 // The per-channel mean is carried as two floats, hi + lo (hi = float(mean), lo = float(mean - hi)):
 // the kernels compute y - hi, exact for y near hi, and fold lo into per-channel constants, which

@@ -1,5 +1,5 @@
 // CPU implementation of the fused DINO loss (see dinocxr_fast/ops/dino_loss.py for the math).
-// Raw pointers only: argument checks and tensor handling live in csrc/bindings.cpp.
+// Raw pointers only: argument checks and tensor handling live in csrc/cpu/dino_loss_op.cpp.
 #pragma once
 
 #include <cstdint>

@@ -32,9 +32,9 @@ from dinocxr_fast.ops._batchnorm import update_running_stats
 ACT_CODE = {None: 0, "silu": 1, "gelu": 2, "relu": 3}
 
 
-# The two ops are defined and given their CPU kernels in C++ (csrc/bindings.cpp, TORCH_LIBRARY_FRAGMENT),
-# so a call reaches the kernel without a Python layer; their fake kernels and the autograd formula
-# are registered here.
+# The two ops are defined and given their CPU kernels in C++ (registered in csrc/bindings.cpp with
+# TORCH_LIBRARY_FRAGMENT, implemented in csrc/cpu/bn_act_op.cpp), so a call reaches the kernel without
+# a Python layer; their fake kernels and the autograd formula are registered here.
 #   dinocxr::bn_act_cpu(y, bn_weight, bn_bias, running_mean, running_var, eps, momentum, training,
 #       activation) -> (out [M, C], stats [3, C] = mean hi, mean lo, invstd,
 #                       new running mean / var [2, C], or [0, C] in eval)

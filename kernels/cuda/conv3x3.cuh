@@ -1,7 +1,8 @@
 // The PCM's 3x3 convolutions on channels-last tensors (B x H x W x C), with BatchNorm and the
 // activation fused into prologues and epilogues. Launchers on raw device pointers and a stream; no
-// torch headers, so plain nvcc compiles this anywhere. csrc/bindings.cpp checks tensors and calls
-// these; dinocxr_fast/ops/conv_bn_act.py plans the calls (tap lists, weight layouts, the chain).
+// torch headers, so plain nvcc compiles this anywhere. csrc/cuda (conv_ops.cpp, conv_batchnorm_ops.cpp,
+// pcm_op.cpp) checks tensors and calls these; dinocxr_fast/ops/conv_bn_act_cuda.py plans the calls
+// (tap lists, weight layouts, the chain).
 //
 // One kernel family serves the forward convolution and its data gradient: a "tap convolution",
 //

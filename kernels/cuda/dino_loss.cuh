@@ -1,5 +1,5 @@
 // Fused DINO loss on CUDA: launchers on raw device pointers and a stream. No torch headers, so
-// plain nvcc compiles this anywhere; csrc/bindings.cpp does the argument checks and calls these.
+// plain nvcc compiles this anywhere; csrc/cuda/dino_loss_op.cpp does the argument checks and calls these.
 #pragma once
 
 #include <cuda_runtime.h>

@@ -111,19 +111,28 @@ def test_bn_act_large_mean_is_normalised_accurately():
 @pytest.mark.parametrize(
     "call, match",
     [
-        (lambda e, y, v: e.bn_act_forward_cpu(y.t(), v, v, v, v, 1e-5, 0.1, True, 1), "y must be contiguous"),
-        (lambda e, y, v: e.bn_act_forward_cpu(y.double(), v, v, v, v, 1e-5, 0.1, True, 1), "y must be float32"),
-        (lambda e, y, v: e.bn_act_forward_cpu(y, v[:3], v, v, v, 1e-5, 0.1, True, 1), "bn_weight must have shape"),
-        (lambda e, y, v: e.bn_act_forward_cpu(y, v, v, v, v[:3], 1e-5, 0.1, True, 1), "running_var must have"),
-        (lambda e, y, v: e.bn_act_forward_cpu(y, v, v, v, v, -1.0, 0.1, True, 1), "eps"),
-        (lambda e, y, v: e.bn_act_forward_cpu(y, v, v, v, v, 1e-5, 0.1, True, 7), "activation"),
-        (lambda e, y, v: e.bn_act_forward_cpu(y[:1], v, v, v, v, 1e-5, 0.1, True, 1), "more than 1 value"),
-        (lambda e, y, v: e.bn_act_backward_cpu(y[:2], y, v, v, torch.zeros(3, 6), True, 1, True), "grad must have"),
-        (lambda e, y, v: e.bn_act_backward_cpu(y, y, v, v, torch.zeros(2, 6), True, 1, True), "stats must be"),
+        (lambda ops, y, v: ops.bn_act_cpu(y.t(), v, v, v, v, 1e-5, 0.1, True, 1), "y must be contiguous"),
+        (lambda ops, y, v: ops.bn_act_cpu(y.double(), v, v, v, v, 1e-5, 0.1, True, 1), "y must be float32"),
+        (lambda ops, y, v: ops.bn_act_cpu(y, v[:3], v, v, v, 1e-5, 0.1, True, 1), "bn_weight must have shape"),
+        (lambda ops, y, v: ops.bn_act_cpu(y, v, v, v, v[:3], 1e-5, 0.1, True, 1), "running_var must have"),
+        (lambda ops, y, v: ops.bn_act_cpu(y, v, v, v, v, -1.0, 0.1, True, 1), "eps"),
+        (lambda ops, y, v: ops.bn_act_cpu(y, v, v, v, v, 1e-5, 0.1, True, 7), "activation"),
+        (lambda ops, y, v: ops.bn_act_cpu(y[:1], v, v, v, v, 1e-5, 0.1, True, 1), "more than 1 value"),
+        (lambda ops, y, v: ops.bn_act_cpu_backward(y[:2], y, v, v, torch.zeros(3, 6), True, 1, True), "grad must have"),
+        (lambda ops, y, v: ops.bn_act_cpu_backward(y, y, v, v, torch.zeros(2, 6), True, 1, True), "stats must be"),
     ],
 )
 def test_bn_act_extension_checks_its_arguments(call, match):
-    # The extension is safe to call directly: every bad argument is a ValueError, never a bad read.
+    # The registered ops are safe to call directly (torch.ops.dinocxr.*, no Python layer in between):
+    # every bad argument is a ValueError, never a bad read.
+    _ext.require()  # loading the extension registers the ops
     y, v = torch.randn(5, 6), torch.ones(6)
     with pytest.raises(ValueError, match=match):
-        call(_ext.require(), y, v)
+        call(torch.ops.dinocxr, y, v)
+
+
+def test_bn_act_has_one_binding():
+    # The kernel is reached through the dispatcher ops only, not through a second pybind11 binding.
+    ext = _ext.require()
+    assert not hasattr(ext, "bn_act_forward_cpu") and not hasattr(ext, "bn_act_backward_cpu")
+    assert hasattr(torch.ops.dinocxr, "bn_act_cpu") and hasattr(torch.ops.dinocxr, "bn_act_cpu_backward")
