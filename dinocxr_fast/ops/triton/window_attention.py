@@ -32,7 +32,7 @@ MAX_HEAD_DIM = 128
 
 def _configs():
     """Windows per program x warps (x pipeline stages, which prefetch the next window's tiles).
-    Head dim 128 needs 8 warps in the backward to stay out of local memory (tests/triton/sm90_compile.py)."""
+    Head dim 128 needs 8 warps in the backward to stay out of local memory (tests/kernels/sm90_compile.py)."""
     if interpreting():
         return [triton.Config({"WPP": 2}, num_warps=4, num_stages=1)]
     return [triton.Config({"WPP": wpp}, num_warps=warps, num_stages=stages)
