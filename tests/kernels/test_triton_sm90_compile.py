@@ -31,9 +31,11 @@ def test_kernels_compile_for_sm90(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    repo = str(Path(__file__).parents[2])  # the package from this checkout, installed or not
+    env["PYTHONPATH"] = os.pathsep.join([repo, *filter(None, [env.get("PYTHONPATH")])])
     report = tmp_path / "sm90.json"
     res = subprocess.run([sys.executable, str(SCRIPT), "--json", str(report)], env=env, capture_output=True,
-                         text=True, timeout=600, cwd=Path(__file__).parents[2])
+                         text=True, timeout=600, cwd=repo)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     rows = json.loads(report.read_text())
     assert {r["kernel"] for r in rows} >= {"window_fwd", "window_bwd", "attn_fwd_kernel", "attn_bwd_dkdv_kernel",

@@ -62,6 +62,48 @@ def _tile_ptrs(base, rows, col, s_n):
     return base + rows.to(tl.int64)[:, None] * s_n + col[None, :]
 
 
+@triton.jit
+def _head_of(bh, heads, HEAD_DIM: tl.constexpr, HD_PAD: tl.constexpr):
+    """(batch index, the head's columns in a C-wide row, their mask) of program axis 1."""
+    d = tl.arange(0, HD_PAD)
+    return bh // heads, (bh % heads) * HEAD_DIM + d, d < HEAD_DIM
+
+
+@triton.jit
+def _load_kv(base, keys, N, C, col, dmask, s_qn):
+    """K and V of a block of keys (zero past N) and the keys' mask."""
+    kmask = keys < N
+    kv_mask = kmask[:, None] & dmask[None, :]
+    k = tl.load(_tile_ptrs(base, keys, C + col, s_qn), mask=kv_mask, other=0.0)
+    v = tl.load(_tile_ptrs(base, keys, 2 * C + col, s_qn), mask=kv_mask, other=0.0)
+    return k, v, kmask
+
+
+@triton.jit
+def _bwd_head(qkv_ptr, dout_ptr, lse_ptr, delta_ptr, N, heads, s_qb, s_db, HEAD_DIM: tl.constexpr,
+              HD_PAD: tl.constexpr):
+    """A backward program's batch x head (program axis 1): its batch index, columns and their mask,
+    and where its Q/K/V, dO, log-sum-exp and delta start."""
+    bh = tl.program_id(1)
+    b, col, dmask = _head_of(bh, heads, HEAD_DIM, HD_PAD)
+    stats = bh.to(tl.int64) * N
+    return (b, col, dmask, qkv_ptr + b.to(tl.int64) * s_qb, dout_ptr + b.to(tl.int64) * s_db, lse_ptr + stats,
+            delta_ptr + stats)
+
+
+@triton.jit
+def _load_query_block(base, dbase, lse_ptr, delta_ptr, rows, N, col, dmask, s_qn, s_dn):
+    """What the backward needs of a block of queries: Q, dO, the saved log-sum-exp and delta
+    (``lse_ptr``/``delta_ptr`` already at this batch x head), and the rows' masks."""
+    rmask = rows < N
+    q_mask = rmask[:, None] & dmask[None, :]
+    q = tl.load(_tile_ptrs(base, rows, col, s_qn), mask=q_mask, other=0.0)
+    do = tl.load(_tile_ptrs(dbase, rows, col, s_dn), mask=q_mask, other=0.0)
+    lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
+    delta = tl.load(delta_ptr + rows, mask=rmask, other=0.0)
+    return q, do, lse, delta, rmask, q_mask
+
+
 @_autotune(_FWD_CONFIGS)
 @triton.jit(do_not_specialize=_NOT_SPECIALISED)
 def _attn_fwd_kernel(
@@ -73,11 +115,7 @@ def _attn_fwd_kernel(
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // heads
-    head = bh % heads
-    d = tl.arange(0, HD_PAD)
-    dmask = d < HEAD_DIM
-    col = head * HEAD_DIM + d
+    b, col, dmask = _head_of(bh, heads, HEAD_DIM, HD_PAD)
     dtype = qkv_ptr.dtype.element_ty
     base = qkv_ptr + b.to(tl.int64) * s_qb
 
@@ -89,11 +127,7 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HD_PAD], dtype=tl.float32)
     for start_n in range(0, N, BLOCK_N):
-        keys = start_n + tl.arange(0, BLOCK_N)
-        kmask = keys < N
-        kv_mask = kmask[:, None] & dmask[None, :]
-        k = tl.load(_tile_ptrs(base, keys, C + col, s_qn), mask=kv_mask, other=0.0)
-        v = tl.load(_tile_ptrs(base, keys, 2 * C + col, s_qn), mask=kv_mask, other=0.0)
+        k, v, kmask = _load_kv(base, start_n + tl.arange(0, BLOCK_N), N, C, col, dmask, s_qn)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         s = tl.where(kmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every key block holds a valid key
@@ -117,13 +151,10 @@ def _attn_bwd_delta_kernel(
     """delta = rowsum(dO * O) per query and head (fp32)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // heads
-    head = bh % heads
-    d = tl.arange(0, HD_PAD)
-    col = head * HEAD_DIM + d
+    b, col, dmask = _head_of(bh, heads, HEAD_DIM, HD_PAD)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < N
-    mask = rmask[:, None] & (d < HEAD_DIM)[None, :]
+    mask = rmask[:, None] & dmask[None, :]
     o = tl.load(_tile_ptrs(out_ptr + b.to(tl.int64) * s_ob, rows, col, s_on), mask=mask, other=0.0)
     do = tl.load(_tile_ptrs(dout_ptr + b.to(tl.int64) * s_db, rows, col, s_dn), mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
@@ -132,41 +163,21 @@ def _attn_bwd_delta_kernel(
 
 @_autotune(_BWD_KV_CONFIGS)
 @triton.jit(do_not_specialize=_NOT_SPECIALISED)
-def _attn_bwd_dkdv_kernel(
-    qkv_ptr, dout_ptr, lse_ptr, delta_ptr, dqkv_ptr,
-    s_qb, s_qn, s_db, s_dn,
-    N, C, heads, qk_scale, scale,
-    HEAD_DIM: tl.constexpr, HD_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
+def _attn_bwd_dkdv_kernel(qkv_ptr, dout_ptr, lse_ptr, delta_ptr, dqkv_ptr, s_qb, s_qn, s_db, s_dn, N, C, heads,
+                          qk_scale, scale, HEAD_DIM: tl.constexpr, HD_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dK, dV of one block of BLOCK_N keys, looping over all query blocks (BLOCK_M)."""
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // heads
-    head = bh % heads
-    d = tl.arange(0, HD_PAD)
-    dmask = d < HEAD_DIM
-    col = head * HEAD_DIM + d
+    b, col, dmask, base, dbase, lse_ptr, delta_ptr = _bwd_head(qkv_ptr, dout_ptr, lse_ptr, delta_ptr, N, heads,
+                                                               s_qb, s_db, HEAD_DIM, HD_PAD)
     dtype = qkv_ptr.dtype.element_ty
-    base = qkv_ptr + b.to(tl.int64) * s_qb
-    dbase = dout_ptr + b.to(tl.int64) * s_db
-    stats = bh.to(tl.int64) * N
-
-    keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    kmask = keys < N
+    keys = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k, v, kmask = _load_kv(base, keys, N, C, col, dmask, s_qn)
     kv_mask = kmask[:, None] & dmask[None, :]
-    k = tl.load(_tile_ptrs(base, keys, C + col, s_qn), mask=kv_mask, other=0.0)
-    v = tl.load(_tile_ptrs(base, keys, 2 * C + col, s_qn), mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, HD_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HD_PAD], dtype=tl.float32)
     for start_m in range(0, N, BLOCK_M):
-        rows = start_m + tl.arange(0, BLOCK_M)
-        rmask = rows < N
-        q_mask = rmask[:, None] & dmask[None, :]
-        q = tl.load(_tile_ptrs(base, rows, col, s_qn), mask=q_mask, other=0.0)
-        do = tl.load(_tile_ptrs(dbase, rows, col, s_dn), mask=q_mask, other=0.0)
-        lse = tl.load(lse_ptr + stats + rows, mask=rmask, other=0.0)
-        delta = tl.load(delta_ptr + stats + rows, mask=rmask, other=0.0)
+        q, do, lse, delta, rmask, _ = _load_query_block(base, dbase, lse_ptr, delta_ptr, start_m + tl.arange(0, BLOCK_M),
+                                                        N, col, dmask, s_qn, s_dn)
         # transposed tiles (keys x queries), so that dK and dV accumulate along the keys
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
         p_t = tl.where(rmask[None, :], tl.exp2(s_t - lse[None, :]), 0.0)
@@ -182,39 +193,18 @@ def _attn_bwd_dkdv_kernel(
 
 @_autotune(_BWD_Q_CONFIGS)
 @triton.jit(do_not_specialize=_NOT_SPECIALISED)
-def _attn_bwd_dq_kernel(
-    qkv_ptr, dout_ptr, lse_ptr, delta_ptr, dqkv_ptr,
-    s_qb, s_qn, s_db, s_dn,
-    N, C, heads, qk_scale, scale,
-    HEAD_DIM: tl.constexpr, HD_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
+def _attn_bwd_dq_kernel(qkv_ptr, dout_ptr, lse_ptr, delta_ptr, dqkv_ptr, s_qb, s_qn, s_db, s_dn, N, C, heads,
+                        qk_scale, scale, HEAD_DIM: tl.constexpr, HD_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ of one block of BLOCK_M queries, looping over all key blocks (BLOCK_N)."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // heads
-    head = bh % heads
-    d = tl.arange(0, HD_PAD)
-    dmask = d < HEAD_DIM
-    col = head * HEAD_DIM + d
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    b, col, dmask, base, dbase, lse_ptr, delta_ptr = _bwd_head(qkv_ptr, dout_ptr, lse_ptr, delta_ptr, N, heads,
+                                                               s_qb, s_db, HEAD_DIM, HD_PAD)
     dtype = qkv_ptr.dtype.element_ty
-    base = qkv_ptr + b.to(tl.int64) * s_qb
-    stats = bh.to(tl.int64) * N
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < N
-    q_mask = rmask[:, None] & dmask[None, :]
-    q = tl.load(_tile_ptrs(base, rows, col, s_qn), mask=q_mask, other=0.0)
-    do = tl.load(_tile_ptrs(dout_ptr + b.to(tl.int64) * s_db, rows, col, s_dn), mask=q_mask, other=0.0)
-    lse = tl.load(lse_ptr + stats + rows, mask=rmask, other=0.0)
-    delta = tl.load(delta_ptr + stats + rows, mask=rmask, other=0.0)
+    q, do, lse, delta, _, q_mask = _load_query_block(base, dbase, lse_ptr, delta_ptr, rows, N, col, dmask, s_qn, s_dn)
     dq = tl.zeros([BLOCK_M, HD_PAD], dtype=tl.float32)
     for start_n in range(0, N, BLOCK_N):
-        keys = start_n + tl.arange(0, BLOCK_N)
-        kmask = keys < N
-        kv_mask = kmask[:, None] & dmask[None, :]
-        k = tl.load(_tile_ptrs(base, keys, C + col, s_qn), mask=kv_mask, other=0.0)
-        v = tl.load(_tile_ptrs(base, keys, 2 * C + col, s_qn), mask=kv_mask, other=0.0)
+        k, v, kmask = _load_kv(base, start_n + tl.arange(0, BLOCK_N), N, C, col, dmask, s_qn)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         p = tl.where(kmask[None, :], tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)

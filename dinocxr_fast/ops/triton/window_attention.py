@@ -85,6 +85,22 @@ def _load_window(qkv_ptr, offs, valid, inside, col, dmask, pad_k, pad_v, C,
 
 
 @triton.jit
+def _head_columns(qkv_ptr, pad_ptr, C, HEAD_DIM: tl.constexpr, HD_PAD: tl.constexpr, HAS_PAD_VALUE: tl.constexpr):
+    """The columns of this program's head (program axis 1) in a C-wide row, their mask, and the
+    head's K and V of a padded token (zeros unless the model pads with a learnt value)."""
+    d = tl.arange(0, HD_PAD)
+    dmask = d < HEAD_DIM
+    col = tl.program_id(1) * HEAD_DIM + d
+    dtype = qkv_ptr.dtype.element_ty
+    pad_k = tl.zeros([HD_PAD], dtype=dtype)
+    pad_v = tl.zeros([HD_PAD], dtype=dtype)
+    if HAS_PAD_VALUE:
+        pad_k = tl.load(pad_ptr + C + col, mask=dmask, other=0.0).to(dtype)
+        pad_v = tl.load(pad_ptr + 2 * C + col, mask=dmask, other=0.0).to(dtype)
+    return col, dmask, pad_k, pad_v
+
+
+@triton.jit
 def _window_probs(q, k, valid, qk_scale, DOT_PREC: tl.constexpr):
     """Row-normalised softmax(q k^T * scale) over the window's tokens, fp32, BLOCK_T x BLOCK_T."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # base-2 logits
@@ -107,16 +123,8 @@ def _window_fwd_kernel(
     HAS_PAD_VALUE: tl.constexpr, DOT_PREC: tl.constexpr, WPP: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    head = tl.program_id(1)
-    d = tl.arange(0, HD_PAD)
-    dmask = d < HEAD_DIM
-    col = head * HEAD_DIM + d
+    col, dmask, pad_k, pad_v = _head_columns(qkv_ptr, pad_ptr, C, HEAD_DIM, HD_PAD, HAS_PAD_VALUE)
     dtype = qkv_ptr.dtype.element_ty
-    pad_k = tl.zeros([HD_PAD], dtype=dtype)
-    pad_v = tl.zeros([HD_PAD], dtype=dtype)
-    if HAS_PAD_VALUE:
-        pad_k = tl.load(pad_ptr + C + col, mask=dmask, other=0.0).to(dtype)
-        pad_v = tl.load(pad_ptr + 2 * C + col, mask=dmask, other=0.0).to(dtype)
     for i in range(WPP):
         offs, valid, inside = _window_rows(pid, i, n_windows, n_wh, n_ww, H, W, top, left, s_qb, s_qh, s_qw,
                                            WPP, WS, BLOCK_T)
@@ -139,16 +147,8 @@ def _window_bwd_kernel(
     HAS_PAD_VALUE: tl.constexpr, DOT_PREC: tl.constexpr, WPP: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    head = tl.program_id(1)
-    d = tl.arange(0, HD_PAD)
-    dmask = d < HEAD_DIM
-    col = head * HEAD_DIM + d
+    col, dmask, pad_k, pad_v = _head_columns(qkv_ptr, pad_ptr, C, HEAD_DIM, HD_PAD, HAS_PAD_VALUE)
     dtype = qkv_ptr.dtype.element_ty
-    pad_k = tl.zeros([HD_PAD], dtype=dtype)
-    pad_v = tl.zeros([HD_PAD], dtype=dtype)
-    if HAS_PAD_VALUE:
-        pad_k = tl.load(pad_ptr + C + col, mask=dmask, other=0.0).to(dtype)
-        pad_v = tl.load(pad_ptr + 2 * C + col, mask=dmask, other=0.0).to(dtype)
     dpad_k = tl.zeros([HD_PAD], dtype=tl.float32)
     dpad_v = tl.zeros([HD_PAD], dtype=tl.float32)
     for i in range(WPP):
