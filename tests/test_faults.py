@@ -34,6 +34,7 @@ from dinocxr_fast.data import imageio
 from dinocxr_fast.data.imageio import CorruptImageError, load_encoded
 from dinocxr_fast.data.sources import scan_images
 from dinocxr_fast.runtime import checkpoint as ckpt
+from dinocxr_fast.trainer.checkpointing import RunCheckpoints
 from dinocxr_fast.trainer.loop import NonFiniteLossError, TrainingJob
 
 REPO = Path(__file__).resolve().parents[1]
@@ -154,7 +155,8 @@ def test_non_finite_message_names_no_checkpoint_that_does_not_exist(tmp_path):
     def weights_already_bad(final=False):
         raise NonFiniteLossError("weights hold NaN")
 
-    job = SimpleNamespace(is_main=True, step=2, steps_per_epoch=6, run_dir=tmp_path, save_checkpoint=weights_already_bad)
+    job = SimpleNamespace(is_main=True, step=2, steps_per_epoch=6, save_checkpoint=weights_already_bad,
+                          checkpoints=RunCheckpoints(tmp_path, job_format="test", keep_last=2, must_match=()))
     message = str(TrainingJob.non_finite(job, "loss is nan", {"loss": torch.tensor(float("nan"))}, {}))
     assert "previous checkpoint" not in message and "no earlier checkpoint exists" in message
     ckpt.atomic_torch_save({"step": 1}, tmp_path / "checkpoint-00000001.pt")

@@ -24,6 +24,7 @@ from dinocxr_fast.runtime import distributed
 from dinocxr_fast.runtime.budget import Budget
 from dinocxr_fast.runtime.precision import autocast, resolve_precision
 from dinocxr_fast.runtime.run_log import MetricsWriter, Progress, print_startup
+from dinocxr_fast.trainer.checkpointing import RunCheckpoints
 from dinocxr_fast.trainer.stop_signals import StopSignals
 
 log = logging.getLogger("dinocxr_fast.train")
@@ -61,8 +62,10 @@ class TrainingJob:
             self.device = torch.device("cuda", self.dist.local_rank)
         self.precision = resolve_precision(t["precision"], self.device)
         self.is_main = self.dist.is_main
+        self.checkpoints = RunCheckpoints(self.run_dir, job_format=self.FORMAT, keep_last=t["keep_last"],
+                                          must_match=self.RESUME_MUST_MATCH)
         if self.is_main:
-            self._prepare_run_dir()
+            self.checkpoints.prepare_folder()
         distributed.barrier()
         torch.manual_seed(int(t["seed"]))  # the same initial weights on every rank
         self.step = 0
@@ -171,16 +174,6 @@ class TrainingJob:
         return []
 
     # ---- setup, state ---------------------------------------------------------------------------
-    def _prepare_run_dir(self) -> None:
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            probe = self.run_dir / ".write-test"
-            probe.write_text("ok")
-            probe.unlink()
-            ckpt.clean_partial(self.run_dir)  # what a killed run left half-made
-        except OSError as exc:
-            raise ckpt.CheckpointError(f"run folder {self.run_dir} is not writable: {exc.strerror or exc}") from exc
-
     def save_effective_config(self) -> None:
         if self.is_main:
             save_config(self.cfg, self.run_dir / "config.yaml")
@@ -198,17 +191,7 @@ class TrainingJob:
         }
 
     def resume_from(self, path: Path) -> None:
-        state = ckpt.load(path, map_location=self.device)
-        if state.get("format") != self.FORMAT:
-            raise ckpt.CheckpointError(f"{path} is a {state.get('format')!r} checkpoint, this job needs {self.FORMAT!r}")
-        for section in self.RESUME_MUST_MATCH:
-            theirs, ours = state["config"].get(section) or {}, self.cfg.get(section) or {}
-            differ = [f"{section}.{k}: {theirs.get(k)!r} vs {ours.get(k)!r}"
-                      for k in sorted(set(theirs) | set(ours), key=str) if theirs.get(k) != ours.get(k)]
-            if differ:
-                raise ckpt.CheckpointError(
-                    f"cannot resume from {path}: the checkpoint's config differs from this run's "
-                    f"({'; '.join(differ)})")
+        state = self.checkpoints.load_for_resume(path, self.cfg, self.device)
         self.load_model_state(state)
         self.scaler.load_state_dict(state["scaler"])
         self.loader.load_state_dict(state["data"])
@@ -228,11 +211,7 @@ class TrainingJob:
         if not self.weights_finite():
             raise NonFiniteLossError(
                 f"step {self.step}: the weights hold NaN/inf; not writing a checkpoint over the last good one")
-        path = self.run_dir / (ckpt.FINAL_NAME if final else ckpt.step_name(self.step))
-        ckpt.atomic_torch_save(self.state_dict(), path)
-        if not final:
-            ckpt.prune(self.run_dir, int(self.cfg["train"]["keep_last"]))
-        return path
+        return self.checkpoints.save(self.state_dict(), self.step, final=final)
 
     def _checkpoint(self, progress: Progress) -> None:
         t0, c0 = time.perf_counter(), self.clock()
@@ -256,13 +235,9 @@ class TrainingJob:
             try:
                 saved.append(str(self.save_checkpoint()))
             except NonFiniteLossError:
-                earlier = ckpt.list_step_checkpoints(self.run_dir)
-                last_good = (f"{earlier[-1]} is the last good state" if earlier else
-                             "no earlier checkpoint exists, so none holds a good state")
-                saved.append(f"no checkpoint (the weights are already non-finite; {last_good})")
-            path = self.run_dir / f"nonfinite-step{self.step:08d}.pt"
-            ckpt.atomic_torch_save({"step": self.step, "what": what, "terms": terms, **debug}, path)
-            saved.append(str(path))
+                saved.append(f"no checkpoint (the weights are already non-finite; "
+                             f"{self.checkpoints.last_good_state()})")
+            saved.append(str(self.checkpoints.save_non_finite_dump(self.step, {"what": what, "terms": terms, **debug})))
             message += " Saved: " + "; ".join(saved)
         return NonFiniteLossError(message)
 
