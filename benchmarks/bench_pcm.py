@@ -35,22 +35,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from benchmarks import _harness as H
+from dinocxr_fast.models.vitaev2 import VITAEV2_S_PCM_SHAPES
 
 conv_mod = importlib.import_module("dinocxr_fast.ops.conv_bn_act")
 pcm_mod = importlib.import_module("dinocxr_fast.ops.pcm")
 
 BATCH = 64
-# name: (c0, c1, c2, c3, groups, strides, input grid) -- ViTAEv2-S at 224 px (models/vitaev2.py CONFIGS).
-SHAPES = {
-    "s1_reduction": (1, 64, 64, 64, 1, (2, 2, 1), 224),
-    "s1_normal": (64, 256, 64, 64, 1, (1, 1, 1), 56),
-    "s2_reduction": (64, 64, 64, 128, 16, (2, 1, 1), 56),
-    "s2_normal": (128, 512, 128, 128, 32, (1, 1, 1), 28),
-    "s3_reduction": (128, 128, 128, 256, 32, (2, 1, 1), 28),
-    "s3_normal": (256, 1024, 256, 256, 64, (1, 1, 1), 14),
-    "s4_reduction": (256, 256, 256, 512, 64, (2, 1, 1), 14),
-    "s4_normal": (512, 2048, 512, 512, 128, (1, 1, 1), 7),
-}
+SHAPES = VITAEV2_S_PCM_SHAPES  # name: (c0, c1, c2, c3, groups, strides, input grid)
 QUICK_SHAPES = ("s1_normal", "s2_normal", "s4_normal")
 MODES = ("train_fwd", "train_fwd_bwd", "infer")
 QUICK_MODES = ("train_fwd_bwd", "infer")

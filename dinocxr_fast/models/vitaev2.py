@@ -102,6 +102,21 @@ CONFIGS: dict[str, ViTAEv2Config] = {
 }
 
 
+# The PCM of each ViTAEv2-S cell kind at 224 px: (c0, c1, c2, c3, groups, strides, input grid). The
+# kernel tests and benchmarks/bench_pcm.py run these shapes; tests/models/test_vitaev2.py checks
+# them against the model.
+VITAEV2_S_PCM_SHAPES = {
+    "s1_reduction": (1, 64, 64, 64, 1, (2, 2, 1), 224),
+    "s1_normal": (64, 256, 64, 64, 1, (1, 1, 1), 56),
+    "s2_reduction": (64, 64, 64, 128, 16, (2, 1, 1), 56),
+    "s2_normal": (128, 512, 128, 128, 32, (1, 1, 1), 28),
+    "s3_reduction": (128, 128, 128, 256, 32, (2, 1, 1), 28),
+    "s3_normal": (256, 1024, 256, 256, 64, (1, 1, 1), 14),
+    "s4_reduction": (256, 256, 256, 512, 64, (2, 1, 1), 14),
+    "s4_normal": (512, 2048, 512, 512, 128, (1, 1, 1), 7),
+}
+
+
 class Stage(nn.Module):
     def __init__(self, reduction: ReductionCell, cells: list[NormalCell]):
         super().__init__()

@@ -10,6 +10,7 @@ import torch
 
 from dinocxr_fast.models import CONFIGS, ViTAEv2, convert_reference_state_dict, create_model, list_models
 from dinocxr_fast.models.cells import pcm_strides
+from dinocxr_fast.models.vitaev2 import VITAEV2_S_PCM_SHAPES
 
 FIXTURE = Path(__file__).parent / "fixtures" / "vitaev2_tiny_parity.safetensors"
 
@@ -239,3 +240,23 @@ def test_torch_compile_smoke(tiny):
         eager = tiny(x)
         compiled = torch.compile(tiny, fullgraph=True)(x)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_the_pcm_shape_table_is_the_models():
+    """VITAEV2_S_PCM_SHAPES (what kernel tests and bench_pcm run) is every PCM vitaev2_s holds at 224 px."""
+    from dinocxr_fast.models.layers import ParallelConv  # noqa: PLC0415
+
+    model = create_model("vitaev2_s").eval()
+    seen = set()
+
+    def record(module, inputs):
+        convs = [module.conv1.conv, module.conv2.conv, module.conv3.conv]
+        seen.add((convs[0].in_channels, *(c.out_channels for c in convs), convs[0].groups,
+                  tuple(c.stride[0] for c in convs), inputs[0].shape[-2]))  # B x H x W x C
+
+    for module in model.modules():
+        if isinstance(module, ParallelConv):
+            module.register_forward_pre_hook(record)
+    with torch.no_grad():
+        model(torch.zeros(1, 1, 224, 224))
+    assert seen == set(VITAEV2_S_PCM_SHAPES.values())

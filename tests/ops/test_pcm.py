@@ -16,6 +16,7 @@ import importlib
 import pytest
 import torch
 
+from dinocxr_fast.models.vitaev2 import VITAEV2_S_PCM_SHAPES
 from dinocxr_fast.ops import _dispatch
 from op_helpers import (
     CUDA_OP_MODES,
@@ -114,17 +115,6 @@ GPU_CASES = [
     (64, 64, 64, 128, 16, (2, 1, 1), 2, 11, 13),   # stage-2 reduction cell
     (16, 64, 16, 16, 4, (1, 1, 1), 1, 5, 4),       # batch 1
 ]
-# Every PCM of ViTAEv2-S at 224 px (stage, cell): c0, c1, c2, c3, groups, strides, grid of the input.
-VITAEV2_S_PCMS = {
-    "s1_reduction": (1, 64, 64, 64, 1, (2, 2, 1), 224),
-    "s1_normal": (64, 256, 64, 64, 1, (1, 1, 1), 56),
-    "s2_reduction": (64, 64, 64, 128, 16, (2, 1, 1), 56),
-    "s2_normal": (128, 512, 128, 128, 32, (1, 1, 1), 28),
-    "s3_reduction": (128, 128, 128, 256, 32, (2, 1, 1), 28),
-    "s3_normal": (256, 1024, 256, 256, 64, (1, 1, 1), 14),
-    "s4_reduction": (256, 256, 256, 512, 64, (2, 1, 1), 14),
-    "s4_normal": (512, 2048, 512, 512, 128, (1, 1, 1), 7),
-}
 
 
 def gpu_modules(c0, c1, c2, c3, groups, strides, dtype):
@@ -198,10 +188,10 @@ def test_gpu_inference_matches_fp64_reference(backend, dtype, case):
 
 @pytest.mark.usefixtures("cuda_conv")
 @pytest.mark.parametrize("backend", backends("cuda"))
-@pytest.mark.parametrize("name", list(VITAEV2_S_PCMS))
+@pytest.mark.parametrize("name", list(VITAEV2_S_PCM_SHAPES))
 def test_gpu_vitaev2_s_batch64_bf16_training(backend, name):
     """The real shapes at the real batch: bf16 training step against an fp32 reference on the GPU."""
-    c0, c1, c2, c3, groups, strides, hw = VITAEV2_S_PCMS[name]
+    c0, c1, c2, c3, groups, strides, hw = VITAEV2_S_PCM_SHAPES[name]
     convs, bns = gpu_modules(c0, c1, c2, c3, groups, strides, torch.bfloat16)
     convs32, bns32 = copy.deepcopy(convs), copy.deepcopy(bns)
     for m in convs32:
@@ -225,7 +215,7 @@ def test_gpu_vitaev2_s_batch64_bf16_training(backend, name):
 @pytest.mark.usefixtures("cuda_conv")
 @pytest.mark.parametrize("backend", backends("cuda"))
 def test_gpu_is_deterministic(backend):
-    c0, c1, c2, c3, groups, strides, hw = VITAEV2_S_PCMS["s2_normal"]
+    c0, c1, c2, c3, groups, strides, hw = VITAEV2_S_PCM_SHAPES["s2_normal"]
     results = []
     for _ in range(2):
         convs, bns = gpu_modules(c0, c1, c2, c3, groups, strides, torch.bfloat16)
